@@ -1,0 +1,1 @@
+"""steadysocket.runtime: asyncio adapters that carry out what steadysocket.model decides."""
