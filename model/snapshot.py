@@ -1,0 +1,205 @@
+"""Read-only views of a client connection, for programs and the diagnostics panel.
+
+:class:`WSState` is the seed's ``WSState``: the :class:`Phase`, :class:`ConnectionStats` and the
+recent :class:`ConnectionAttempt` records, plus what the server's hello announced. Every view is
+a frozen dataclass that the runtime builds when the state is read, so ``current_uptime_ms`` is
+fresh rather than a stale counter. ``to_dict()`` gives plain JSON-ready data (timestamps in
+ISO 8601 UTC with a ``Z``), and :meth:`WSState.to_json` the same as text.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from types import MappingProxyType
+from typing import Any
+
+from steadysocket.model.protocol import Hello, format_timestamp
+
+__all__ = ["AttemptOutcome", "ConnectionAttempt", "ConnectionStats", "Phase", "WSState"]
+
+
+class Phase(StrEnum):
+    """The connection lifecycle phases (seed's ``WSConnectionPhase``, PROTOCOL Client point 3)."""
+
+    IDLE = "idle"
+    CONNECTING = "connecting"
+    OPEN = "open"
+    DEGRADED = "degraded"
+    RECONNECTING = "reconnecting"
+    FAILED = "failed"
+    FALLBACK = "fallback"
+
+
+class AttemptOutcome(StrEnum):
+    """The values of :attr:`ConnectionAttempt.outcome`."""
+
+    IN_FLIGHT = "in_flight"
+    OPEN = "open"
+    FAILED = "failed"
+    ABORTED = "aborted"
+
+
+_OUTCOMES = frozenset(outcome.value for outcome in AttemptOutcome)
+
+
+def _require_aware(name: str, value: datetime | None) -> None:
+    # Fail where the bad value is made, not later inside to_dict().
+    if value is not None and value.utcoffset() is None:
+        raise ValueError(f"{name} must be timezone-aware, got naive {value!r}")
+
+
+def _ts(value: datetime | None) -> str | None:
+    return None if value is None else format_timestamp(value)
+
+
+@dataclass(frozen=True)
+class ConnectionAttempt:
+    """One connection attempt within an outage.
+
+    ``number`` counts from 1 within the outage; ``phase`` is the phase the attempt ran in
+    (``connecting`` for the first, ``reconnecting`` after). While the attempt runs, ``outcome`` is
+    ``in_flight`` and the end fields are ``None``. ``failure_kind`` holds a ``FailureKind`` value
+    (``network``, ``handshake``, ...) and ``next_retry_*`` describe the backoff that followed a
+    failure, if any.
+
+    Raises:
+        ValueError: ``outcome`` is not an :class:`AttemptOutcome` value, ``number`` is below 1,
+            or a datetime is naive.
+    """
+
+    number: int
+    phase: Phase
+    started_at: datetime
+    ended_at: datetime | None = None
+    duration_ms: float | None = None
+    outcome: str = AttemptOutcome.IN_FLIGHT
+    failure_kind: str | None = None
+    retryable: bool | None = None
+    detail: str | None = None
+    close_code: int | None = None
+    next_retry_delay_ms: float | None = None
+    next_retry_at: datetime | None = None
+
+    def __post_init__(self) -> None:
+        if self.number < 1:
+            raise ValueError(f"attempt number counts from 1, got {self.number}")
+        if self.outcome not in _OUTCOMES:
+            raise ValueError(f"outcome must be one of {sorted(_OUTCOMES)}, got {self.outcome!r}")
+        _require_aware("started_at", self.started_at)
+        _require_aware("ended_at", self.ended_at)
+        _require_aware("next_retry_at", self.next_retry_at)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the attempt as JSON-ready data; datetimes become ``...Z`` strings."""
+        return {
+            "number": self.number,
+            "phase": str(self.phase),
+            "started_at": format_timestamp(self.started_at),
+            "ended_at": _ts(self.ended_at),
+            "duration_ms": self.duration_ms,
+            "outcome": str(self.outcome),
+            "failure_kind": None if self.failure_kind is None else str(self.failure_kind),
+            "retryable": self.retryable,
+            "detail": self.detail,
+            "close_code": None if self.close_code is None else int(self.close_code),
+            "next_retry_delay_ms": self.next_retry_delay_ms,
+            "next_retry_at": _ts(self.next_retry_at),
+        }
+
+
+@dataclass(frozen=True)
+class ConnectionStats:
+    """Counters of the seed's ``WSConnectionStats``.
+
+    ``message_counts_by_type`` is stored as a read-only copy, so a stats value never changes
+    after it is built. That field is left out of the hash (a mapping proxy is unhashable) but
+    still takes part in equality.
+    """
+
+    total_attempts: int = 0
+    successful_connections: int = 0
+    current_uptime_ms: float = 0.0
+    messages_received: int = 0
+    messages_sent: int = 0
+    heartbeats_received: int = 0
+    heartbeats_sent: int = 0
+    last_activity: datetime | None = None
+    connection_start: datetime | None = None
+    message_counts_by_type: Mapping[str, int] = field(
+        default_factory=lambda: MappingProxyType({}), hash=False
+    )
+
+    def __post_init__(self) -> None:
+        _require_aware("last_activity", self.last_activity)
+        _require_aware("connection_start", self.connection_start)
+        # Copy even a proxy: the dict behind someone else's proxy may still change.
+        frozen = MappingProxyType(dict(self.message_counts_by_type))
+        object.__setattr__(self, "message_counts_by_type", frozen)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the stats as JSON-ready data; datetimes become ``...Z`` strings."""
+        return {
+            "total_attempts": self.total_attempts,
+            "successful_connections": self.successful_connections,
+            "current_uptime_ms": self.current_uptime_ms,
+            "messages_received": self.messages_received,
+            "messages_sent": self.messages_sent,
+            "heartbeats_received": self.heartbeats_received,
+            "heartbeats_sent": self.heartbeats_sent,
+            "last_activity": _ts(self.last_activity),
+            "connection_start": _ts(self.connection_start),
+            "message_counts_by_type": dict(self.message_counts_by_type),
+        }
+
+
+@dataclass(frozen=True)
+class WSState:
+    """A snapshot of the whole client state, with the seed's ``WSState`` field names.
+
+    ``recent_attempts`` is newest first. ``connection_features`` is what the last hello
+    advertised. ``is_fallback_mode`` is true only while the phase is ``fallback``.
+    """
+
+    phase: Phase
+    client_id: str
+    url: str
+    stats: ConnectionStats = field(default_factory=ConnectionStats)
+    current_attempt: ConnectionAttempt | None = None
+    recent_attempts: tuple[ConnectionAttempt, ...] = ()
+    fallback_reason: str | None = None
+    last_hello_message: Hello | None = None
+    connection_features: tuple[str, ...] = ()
+    is_fallback_mode: bool = False
+
+    def __post_init__(self) -> None:
+        # Callers may hand in lists; tuples keep the snapshot immutable and hashable.
+        object.__setattr__(self, "recent_attempts", tuple(self.recent_attempts))
+        object.__setattr__(self, "connection_features", tuple(self.connection_features))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the state as JSON-ready data (the hello via :meth:`Hello.to_dict`)."""
+        return {
+            "phase": str(self.phase),
+            "client_id": self.client_id,
+            "url": self.url,
+            "stats": self.stats.to_dict(),
+            "current_attempt": (
+                None if self.current_attempt is None else self.current_attempt.to_dict()
+            ),
+            "recent_attempts": [attempt.to_dict() for attempt in self.recent_attempts],
+            "fallback_reason": self.fallback_reason,
+            "last_hello_message": (
+                None if self.last_hello_message is None else self.last_hello_message.to_dict()
+            ),
+            "connection_features": list(self.connection_features),
+            "is_fallback_mode": self.is_fallback_mode,
+        }
+
+    def to_json(self, *, indent: int | None = None) -> str:
+        """Return :meth:`to_dict` as JSON text; compact unless ``indent`` is given."""
+        separators = (",", ":") if indent is None else (",", ": ")
+        return json.dumps(self.to_dict(), indent=indent, separators=separators, allow_nan=False)
