@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from steadysocket.model.backoff import MIN_DELAY_MS, BackoffStrategy, RandomSource, SplitMix64
 
 PRODUCTION_BASES = [1000.0, 2000.0, 4000.0, 8000.0, 12000.0, 12000.0, 12000.0, 12000.0]

@@ -7,6 +7,7 @@ from typing import Any, NamedTuple
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from steadysocket.model.classify import (
     Classification,
     CloseFailure,

@@ -1,0 +1,117 @@
+"""A neutral view of the lifecycle declaration, and its text renderings.
+
+``rows()`` reads ``Lifecycle`` by introspection (states, each state's transitions, their guards and
+declared effects). The Mermaid diagram and the Markdown transition table are rendered from those
+rows here; the DOT/SVG renderer in ``steadysocket.runtime.diagrams`` reads the same rows. All
+output is deterministic, so a freshness check can compare bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from steadysocket.model.effects import Effect, describe
+from steadysocket.model.lifecycle import Lifecycle, declared_effects
+from steadysocket.model.snapshot import Phase
+
+GENERATED_NOTICE = (
+    "Generated from steadysocket.model.lifecycle by `steadysocket diagrams`; do not edit."
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One declared transition."""
+
+    source: Phase
+    event: str
+    guard: str
+    target: Phase
+    effects: tuple[Effect, ...]
+    order: int
+    """Position among the source's transitions for this event: guards are tried in order."""
+
+    @property
+    def internal(self) -> bool:
+        """A self-transition that leaves the phase as it is."""
+        return self.source is self.target
+
+    @property
+    def effects_text(self) -> str:
+        """The effects as a comma-separated phrase."""
+        return ", ".join(describe(e) for e in self.effects) or "-"
+
+    @property
+    def id(self) -> str:
+        """A stable identifier, used as a pytest id."""
+        guard = f"[{self.guard}]" if self.guard else ""
+        return f"{self.source}-{self.event}{guard}-{self.target}"
+
+
+def _guard_text(transition: object) -> str:
+    parts = []
+    for spec in getattr(transition, "cond", ()):
+        name = str(spec.attr_name)
+        parts.append(name if spec.expected_value else f"not {name}")
+    return " and ".join(parts)
+
+
+def rows(machine: type[Lifecycle] = Lifecycle) -> list[Row]:
+    """Every declared transition, in declaration order of states and then of events."""
+    result: list[Row] = []
+    for state in machine.states:
+        seen: dict[str, int] = {}
+        for transition in state.transitions:
+            effects: tuple[Effect, ...] = ()
+            for spec in transition.on:
+                declared = declared_effects(spec.func)
+                if declared is not None:
+                    effects = declared
+            for event in transition.events:
+                name = str(event)
+                order = seen.get(name, 0)
+                seen[name] = order + 1
+                result.append(
+                    Row(
+                        source=Phase(state.value),
+                        event=name,
+                        guard=_guard_text(transition),
+                        target=Phase(transition.target.value),
+                        effects=effects,
+                        order=order,
+                    )
+                )
+    return result
+
+
+def mermaid(machine: type[Lifecycle] = Lifecycle) -> str:
+    """The lifecycle as a Mermaid state diagram."""
+    lines = ["%% " + GENERATED_NOTICE, "stateDiagram-v2"]
+    lines.append(f"    [*] --> {Phase.IDLE}")
+    for row in rows(machine):
+        label = row.event + (f" [{row.guard}]" if row.guard else "")
+        lines.append(f"    {row.source} --> {row.target}: {label}")
+    return "\n".join(lines) + "\n"
+
+
+def markdown_table(machine: type[Lifecycle] = Lifecycle) -> str:
+    """The transition table for the docs: source, event, guard, target and effects."""
+    out = [
+        "# Lifecycle transition table",
+        "",
+        f"<!-- {GENERATED_NOTICE} -->",
+        "",
+        "Guards are tried in the order listed; the first that holds picks the transition. An",
+        "event a phase does not list raises `TransitionNotAllowed`. The effects column is what",
+        "the runtime carries out, in order (see `steadysocket.model.effects`).",
+        "",
+        "| # | source | event | guard | target | effects |",
+        "|---|---|---|---|---|---|",
+    ]
+    for number, row in enumerate(rows(machine), start=1):
+        guard = f"`{row.guard}`" if row.guard else ""
+        out.append(
+            f"| {number} | `{row.source}` | `{row.event}` | {guard} | `{row.target}` "
+            f"| {row.effects_text} |"
+        )
+    return "\n".join(out) + "\n"

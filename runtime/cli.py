@@ -1,0 +1,87 @@
+"""The ``steadysocket`` command line: the only place that formats output for people."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from steadysocket.runtime import diagrams
+
+
+def _version() -> str:
+    try:
+        return version("steadysocket")
+    except PackageNotFoundError:  # pragma: no cover - only when run from an uninstalled tree
+        return "unknown"
+
+
+def _cmd_diagrams(args: argparse.Namespace) -> int:
+    root = Path(args.root)
+    if args.check:
+        stale = diagrams.check(root)
+        for item in stale:
+            sys.stdout.write(item.diff)
+        if stale:
+            names = ", ".join(str(s.path) for s in stale)
+            sys.stderr.write(f"steadysocket: stale generated files: {names}\n")
+            sys.stderr.write("run 'steadysocket diagrams' to regenerate them\n")
+            return 1
+        print("generated files are up to date")
+        return 0
+    for path in diagrams.write(root):
+        print(f"wrote {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser, exposed for tests and ``--help``."""
+    parser = argparse.ArgumentParser(
+        prog="steadysocket",
+        description="WebSocket connections that stay up, and that can show why they went down.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--debug", action="store_true", help="debug logging (also WS_DEBUG=1)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser(
+        "diagrams",
+        help="regenerate the lifecycle diagrams and transition table from the model",
+        description="Regenerate diagrams/ and docs/transitions.md from steadysocket.model.",
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="do not write; exit 1 and print the diff if any file is stale",
+    )
+    p.add_argument("--root", default=".", help="project root to write under (default: .)")
+    p.set_defaults(func=_cmd_diagrams)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``steadysocket`` command."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = args.debug or os.environ.get("WS_DEBUG") == "1"
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        result: int = args.func(args)
+    except diagrams.DiagramError as exc:
+        sys.stderr.write(f"steadysocket: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return result
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""The model check: exhaustive exploration, and broken variants it must reject."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from steadysocket.model.effects import Effect, OpenSocket, StartTimer, Timer
+from steadysocket.model.explore import (
+    DEFAULT_CONFIGS,
+    Config,
+    Explorer,
+    Input,
+    Invariant,
+    Report,
+    Server,
+    Socket,
+    World,
+    check,
+    initial_world,
+)
+from steadysocket.model.graph import rows
+from steadysocket.model.lifecycle import ATTEMPT_ABANDONED, Lifecycle
+from steadysocket.model.snapshot import Phase
+
+Summary = Callable[[str, str], None]
+
+
+@pytest.fixture(scope="module")
+def reports() -> list[Report]:
+    return check()
+
+
+def test_the_declared_lifecycle_satisfies_every_invariant(
+    reports: list[Report], summary: Summary
+) -> None:
+    for report in reports:
+        summary("model check (explicit-state, breadth-first)", report.summary())
+        assert report.violations == [], "\n".join(str(v) for v in report.violations[:3])
+        assert report.phases_reached == set(Phase)
+    summary(
+        "model check (explicit-state, breadth-first)",
+        "invariants checked: " + "; ".join(f"{i.name}" for i in Invariant),
+    )
+
+
+def test_the_explorer_takes_every_declared_transition(reports: list[Report]) -> None:
+    taken = set().union(*(r.transitions_taken for r in reports))
+    declared = {(row.source, row.event, row.target) for row in rows()}
+    assert declared - taken == set()
+
+
+def test_the_explorer_reaches_a_sizeable_state_space() -> None:
+    report = Explorer(Config(max_attempts=4)).run()
+    assert report.states > 100
+    assert report.edges > 5 * report.states
+
+
+# -- deliberately broken variants --------------------------------------------------------
+
+
+class NoConnectTimeout(Lifecycle):
+    """Forgets the connect timer: a silent server leaves the attempt waiting forever."""
+
+    def resolve(self, effect: Effect) -> Effect | None:
+        if isinstance(effect, StartTimer) and effect.timer is Timer.CONNECT:
+            return None
+        return super().resolve(effect)
+
+
+class RetrySkipsCounter(Lifecycle):
+    """Retries without consulting the attempt counter."""
+
+    def has_attempts_left(self) -> bool:
+        return True
+
+
+class LeavesFailedAttemptOpen(Lifecycle):
+    """Abandons a timed-out attempt without closing its socket."""
+
+    def resolve(self, effect: Effect) -> Effect | None:
+        if effect == ATTEMPT_ABANDONED:
+            return None
+        return super().resolve(effect)
+
+
+class GivesUpEarly(Lifecycle):
+    """Goes to fallback on the first retryable failure."""
+
+    def has_attempts_left(self) -> bool:
+        return False
+
+
+class IgnoresDisconnect(Lifecycle):
+    """Keeps its retry timer running after disconnect()."""
+
+    def resolve(self, effect: Effect) -> Effect | None:
+        if getattr(effect, "timer", None) is Timer.RETRY and type(effect).__name__ == "CancelTimer":
+            return None
+        return super().resolve(effect)
+
+
+@pytest.mark.parametrize(
+    ("variant", "invariant"),
+    [
+        (NoConnectTimeout, Invariant.NO_STUCK_PHASE),
+        (RetrySkipsCounter, Invariant.ATTEMPTS_BOUNDED),
+        (LeavesFailedAttemptOpen, Invariant.ONE_IN_FLIGHT),
+        (GivesUpEarly, Invariant.ATTEMPTS_BOUNDED),
+        (IgnoresDisconnect, Invariant.DISCONNECT_REACHES_IDLE),
+    ],
+    ids=lambda v: getattr(v, "__name__", str(v)),
+)
+def test_the_explorer_rejects_a_broken_variant_and_names_the_invariant(
+    variant: type[Lifecycle], invariant: Invariant, summary: Summary
+) -> None:
+    reports = check(variant, (Config(max_attempts=3),))
+    broken = set().union(*(r.broken for r in reports))
+    summary(
+        "model check: broken variants rejected",
+        f"{variant.__name__}: " + ", ".join(sorted(i.name for i in broken)),
+    )
+    assert invariant in broken
+
+
+def test_a_violation_carries_the_trace_that_reaches_it() -> None:
+    [report] = check(NoConnectTimeout, (Config(max_attempts=2),))
+    stuck = next(v for v in report.violations if v.invariant is Invariant.NO_STUCK_PHASE)
+    assert stuck.trace[0].startswith("idle --")
+    assert "NO_STUCK_PHASE" in str(stuck)
+
+
+# -- the step function on its own ---------------------------------------------------------
+
+
+def test_a_user_action_the_phase_cannot_take_is_a_no_op() -> None:
+    explorer = Explorer()
+    world = initial_world()
+    step = explorer.step(world, Input.DISCONNECT)
+    assert step.world.phase is Phase.IDLE
+    connected = explorer.step(world, Input.CONNECT).world
+    again = explorer.step(connected, Input.CONNECT)
+    assert again.world == connected
+    assert again.event is None
+
+
+def test_a_silent_server_is_left_by_the_connect_timer() -> None:
+    explorer = Explorer(Config(max_attempts=2))
+    world = explorer.step(initial_world(), Input.CONNECT).world
+    world = explorer.step(world, Input.SERVER_SILENT).world
+    assert world.socket is Socket.DIALING
+    assert world.timers == frozenset({Timer.CONNECT})
+    step = explorer.step(world, Input.CONNECT_TIMER)
+    assert step.world.phase is Phase.FAILED
+    assert step.world.socket is Socket.NONE
+    assert step.world.timers == frozenset({Timer.RETRY})
+
+
+def test_disconnect_from_open_leaves_nothing_behind() -> None:
+    explorer = Explorer()
+    world = World(
+        Phase.OPEN,
+        1,
+        Socket.READY,
+        frozenset({Timer.HEARTBEAT, Timer.STABLE}),
+        Server.UP,
+        stopped=False,
+    )
+    step = explorer.step(world, Input.DISCONNECT)
+    assert step.world == World(Phase.IDLE, 1, Socket.NONE, frozenset(), Server.UP, stopped=True)
+    assert any(isinstance(e, OpenSocket) for e in step.effects) is False
+
+
+def test_default_configs_cover_single_attempt_and_disabled_probe() -> None:
+    assert Config(max_attempts=1, probe=True) in DEFAULT_CONFIGS
+    assert any(not c.probe for c in DEFAULT_CONFIGS)
