@@ -59,6 +59,8 @@ class StartTimer:
     timer: Timer
     delay_ms: float | None = None
     heartbeats: float | None = None
+    token: int | None = None
+    """Resolved by the client core: a firing reports it back, so a stale firing is ignored."""
 
 
 @dataclass(frozen=True, slots=True)

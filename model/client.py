@@ -1,0 +1,592 @@
+"""The Sans-I/O client: the lifecycle plus everything around it that needs no I/O.
+
+``ClientCore`` takes what happened (the application's calls, a socket's hello or close, a timer
+firing, a text frame) and returns the effects the runtime must carry out. It owns:
+
+- the ``Lifecycle`` machine, which makes every phase decision;
+- the filter for late I/O: each socket and each timer carries a token, and an event from a socket
+  that was already closed, or from a timer that was already cancelled, is ignored rather than fed
+  to the strict machine (this is what makes ``force_reconnect()`` race-free);
+- the heartbeat watchdog, a lazy deadline: it is armed once and, when it fires, compares the
+  silence with the hello's interval instead of being re-armed on every message;
+- statistics, recent attempts, the fallback reason and the bounded send queue.
+
+It reads time only from the injected ``Clock`` and never touches a socket.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, deque
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any, Protocol
+
+from steadysocket.model.backoff import BackoffStrategy
+from steadysocket.model.classify import (
+    Classification,
+    CloseFailure,
+    ErrorFailure,
+    ErrorKind,
+    Failure,
+    classify,
+)
+from steadysocket.model.effects import (
+    CancelTimer,
+    CloseSocket,
+    Effect,
+    OpenSocket,
+    ResetBackoff,
+    SendPing,
+    StartTimer,
+    Timer,
+)
+from steadysocket.model.lifecycle import DEAD_AFTER, DEGRADED_AFTER, Lifecycle
+from steadysocket.model.logs import DedupLogger
+from steadysocket.model.protocol import (
+    Hello,
+    InvalidMessage,
+    ProtocolError,
+    build_client_url,
+    decode_text,
+    encode,
+    format_timestamp,
+    make_ping,
+    make_pong,
+)
+from steadysocket.model.snapshot import (
+    AttemptOutcome,
+    ConnectionAttempt,
+    ConnectionStats,
+    Phase,
+    WSState,
+)
+
+_logger = logging.getLogger(__name__)
+
+RECENT_ATTEMPTS = 10
+"""How many attempts ``recent_attempts`` keeps, newest first."""
+
+SENDING_PHASES = frozenset({Phase.OPEN, Phase.DEGRADED})
+QUEUEING_PHASES = frozenset({Phase.CONNECTING, Phase.RECONNECTING, Phase.FAILED})
+INTERNAL_TYPES = frozenset({"hello", "ping", "pong"})
+"""System messages the client consumes itself; everything else reaches the listeners."""
+
+
+class Clock(Protocol):
+    """Time, injected: a monotonic clock in seconds and an aware UTC wall clock."""
+
+    def monotonic(self) -> float:
+        """Seconds on a clock that never goes backwards."""
+
+    def now(self) -> datetime:
+        """The current wall-clock time, timezone-aware."""
+
+
+class Offer(StrEnum):
+    """What ``ClientCore.offer`` decided for an outgoing message."""
+
+    SEND = "send"
+    QUEUED = "queued"
+    REFUSED_PHASE = "refused_phase"
+    REFUSED_FULL = "refused_full"
+
+
+@dataclass(frozen=True, slots=True)
+class ClientConfig:
+    """Everything a client is configured with. Validated on construction."""
+
+    base_url: str
+    client_id: str
+    version: int = 1
+    role: str = "frontend"
+    connection_timeout_ms: float = 10_000
+    enable_heartbeat: bool = True
+    fallback_probe_interval_ms: float | None = 60_000
+    stable_after_ms: float = 5_000
+    send_queue_limit: int = 1000
+
+    def __post_init__(self) -> None:
+        if not self.client_id:
+            raise ValueError("client_id must be a non-empty string")
+        if self.send_queue_limit < 0:
+            raise ValueError(f"send_queue_limit must be >= 0, got {self.send_queue_limit!r}")
+        # Raises ValueError with the reason for a malformed URL.
+        build_client_url(self.base_url, self.client_id, self.version, self.role)
+
+    @property
+    def url(self) -> str:
+        """The URL dialled: the base path plus ``/ws/client`` and the query."""
+        return build_client_url(self.base_url, self.client_id, self.version, self.role)
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """What one incoming text frame amounted to."""
+
+    message: dict[str, Any] | None
+    """The decoded message for the listeners, or None (unparseable, or consumed internally)."""
+    reply: str | None
+    """Text to send back at once (a pong), or None."""
+    effects: list[Effect]
+    """Lifecycle effects (only when the frame ended a degraded spell)."""
+
+
+class ClientCore:
+    """The client's decisions, without I/O. See the module docstring."""
+
+    def __init__(
+        self,
+        config: ClientConfig,
+        clock: Clock,
+        backoff: BackoffStrategy | None = None,
+    ) -> None:
+        self.log = DedupLogger(_logger)
+        """Per client, so one client's repeated lines are not interleaved with another's."""
+        self.config = config
+        self.clock = clock
+        self.url = config.url
+        self.lifecycle = Lifecycle(
+            backoff=backoff if backoff is not None else BackoffStrategy(),
+            connection_timeout_ms=config.connection_timeout_ms,
+            stable_after_ms=config.stable_after_ms,
+            fallback_probe_interval_ms=config.fallback_probe_interval_ms,
+        )
+        self.generation = 0
+        """Number of the newest socket; each OpenSocket effect makes a new one."""
+        self.live_generation: int | None = None
+        """The socket whose events are still wanted; None once it was closed or failed."""
+        self._timer_tokens: dict[Timer, int] = {}
+        self._next_token = 0
+        self._timer_due: dict[Timer, float] = {}
+
+        self.queue: deque[dict[str, Any]] = deque()
+        self.hello: Hello | None = None
+        self.fallback_reason: str | None = None
+        self.last_failure: Failure | None = None
+
+        self.total_attempts = 0
+        self.successful_connections = 0
+        self.messages_received = 0
+        self.messages_sent = 0
+        self.heartbeats_received = 0
+        self.heartbeats_sent = 0
+        self.message_counts: Counter[str] = Counter()
+        self._last_activity: float | None = None
+        self._opened_at: float | None = None
+        self._connection_start: datetime | None = None
+        self._current: ConnectionAttempt | None = None
+        self._current_started: float = 0.0
+        self._recent: deque[ConnectionAttempt] = deque(maxlen=RECENT_ATTEMPTS)
+
+    # -- state -----------------------------------------------------------------------------
+
+    @property
+    def phase(self) -> Phase:
+        """The current phase."""
+        return self.lifecycle.phase
+
+    @property
+    def pending_timers(self) -> frozenset[Timer]:
+        """The timers the runtime should have armed right now."""
+        return frozenset(self._timer_tokens)
+
+    def timer_due(self, timer: Timer) -> float | None:
+        """When a pending timer is due, on the monotonic clock (seconds)."""
+        return self._timer_due.get(timer)
+
+    # -- the application -------------------------------------------------------------------
+
+    def connect(self) -> list[Effect]:
+        """Start connecting from ``idle`` or ``fallback``; elsewhere a logged no-op."""
+        return self._user("connect")
+
+    def disconnect(self) -> list[Effect]:
+        """Close 1000, cancel everything, go ``idle``. Works from any phase."""
+        return self._user("disconnect")
+
+    def force_reconnect(self) -> list[Effect]:
+        """Drop the current socket, reset the backoff, and start a fresh attempt."""
+        return self._user("force_reconnect")
+
+    def _user(self, event: str) -> list[Effect]:
+        if not self.lifecycle.can(event):
+            self.log.info("[WS] %s ignored in phase %s", event, self.phase)
+            return []
+        aborted = self._current is not None and self._current.outcome == AttemptOutcome.IN_FLIGHT
+        if aborted:
+            self._finish_attempt(AttemptOutcome.ABORTED, detail=f"{event} by the application")
+        return self._fire(event)
+
+    # -- the socket ------------------------------------------------------------------------
+
+    def _stale(self, generation: int, what: str) -> bool:
+        if generation != self.live_generation:
+            self.log.debug("[WS] ignoring %s from closed socket #%d", what, generation)
+            return True
+        return False
+
+    def hello_received(self, generation: int, text: str) -> list[Effect]:
+        """The first frame of socket ``generation``: a valid hello opens the connection."""
+        if self._stale(generation, "hello"):
+            return []
+        self._count_received(text)
+        try:
+            data = decode_text(text)
+            if data.get("type") != "hello":
+                raise InvalidMessage(f"expected a hello first, got type {data.get('type')!r}")
+            hello = Hello.from_dict(data)
+        except ProtocolError as exc:
+            return self.attempt_failed(generation, ErrorFailure(ErrorKind.INVALID_HELLO, str(exc)))
+        self.message_counts["hello"] += 1
+        if hello.accepted_version != self.config.version:
+            return self.attempt_failed(
+                generation,
+                ErrorFailure(
+                    ErrorKind.VERSION_MISMATCH,
+                    f"asked for version {self.config.version}, "
+                    f"server accepted {hello.accepted_version}",
+                ),
+            )
+        self.hello = hello
+        self.lifecycle.heartbeat_interval_ms = (
+            float(hello.heartbeat_interval_ms) if self.config.enable_heartbeat else None
+        )
+        now = self.clock.monotonic()
+        self._last_activity = now
+        self._opened_at = now
+        self._connection_start = self.clock.now()
+        self.successful_connections += 1
+        self._finish_attempt(AttemptOutcome.OPEN)
+        self.log.info("[WS] Received hello message from server")
+        return self._fire("handshake_succeeded")
+
+    def attempt_failed(self, generation: int, failure: Failure) -> list[Effect]:
+        """The attempt on socket ``generation`` failed before a valid hello."""
+        if self._stale(generation, f"failure ({failure.describe()})"):
+            return []
+        self.live_generation = None
+        return self._failed(failure)
+
+    def _failed(self, failure: Failure) -> list[Effect]:
+        classification = classify(failure)
+        self.last_failure = failure
+        self.log.warning("[WS] Connection failed: %s (%s)", failure.describe(), classification.kind)
+        self._finish_attempt(AttemptOutcome.FAILED, failure=failure, classification=classification)
+        effects = self._fire("attempt_failed", retryable=classification.retryable)
+        self._note_retry(effects)
+        return effects
+
+    def closed(self, generation: int, failure: CloseFailure | ErrorFailure) -> list[Effect]:
+        """Socket ``generation`` ended after it was open."""
+        if self._stale(generation, f"close ({failure.describe()})"):
+            return []
+        self.live_generation = None
+        self._opened_at = None
+        self.last_failure = failure
+        if isinstance(failure, CloseFailure) and failure.code == 1000:
+            self.log.info("[WS] server closed the connection normally")
+            return self._fire("closed_by_server")
+        classification = classify(failure)
+        graceful = (
+            isinstance(failure, CloseFailure)
+            and failure.code == 1001
+            and self.hello is not None
+            and "graceful_reconnect" in self.hello.features
+        )
+        self.log.warning("[WS] Connection lost: %s (%s)", failure.describe(), classification.kind)
+        return self._lost("connection_lost", failure, classification, graceful=graceful)
+
+    def _lost(
+        self, event: str, failure: Failure, classification: Classification, *, graceful: bool
+    ) -> list[Effect]:
+        effects = self._fire(event, retryable=classification.retryable, graceful=graceful)
+        self._note_retry(effects)
+        return effects
+
+    # -- timers ----------------------------------------------------------------------------
+
+    def timer_fired(self, timer: Timer, token: int) -> list[Effect]:
+        """A timer the runtime armed has fired; a cancelled or superseded one is ignored."""
+        if self._timer_tokens.get(timer) != token:
+            self.log.debug("[WS] ignoring stale %s timer", timer)
+            return []
+        del self._timer_tokens[timer]
+        self._timer_due.pop(timer, None)
+        match timer:
+            case Timer.CONNECT:
+                assert self.live_generation is not None, "connect timer without an attempt"
+                timeout = ErrorFailure(
+                    ErrorKind.CONNECT_TIMEOUT,
+                    f"no valid hello within {self.config.connection_timeout_ms:g} ms",
+                )
+                self.live_generation = None
+                return self._failed(timeout)
+            case Timer.RETRY:
+                return self._fire("retry_due")
+            case Timer.PROBE:
+                self.log.info("[WS] fallback recovery probe")
+                return self._fire("probe_due")
+            case Timer.STABLE:
+                self.log.debug("[WS] connection stable: outage over, backoff reset")
+                return self._fire("stable")
+            case Timer.HEARTBEAT:
+                return self._watchdog()
+
+    def _watchdog(self) -> list[Effect]:
+        interval = self.lifecycle.heartbeat_interval_ms
+        assert interval is not None
+        assert self._last_activity is not None
+        silence_ms = (self.clock.monotonic() - self._last_activity) * 1000.0
+        if self.phase is Phase.OPEN:
+            if silence_ms >= DEGRADED_AFTER * interval:
+                self.log.warning("[WS] nothing received for %.0f ms: degraded", silence_ms)
+                effects = self._fire("heartbeat_overdue")
+                self.heartbeats_sent += sum(isinstance(e, SendPing) for e in effects)
+                return effects
+            return self._rearm_watchdog(DEGRADED_AFTER * interval - silence_ms)
+        if silence_ms >= DEAD_AFTER * interval:
+            failure = ErrorFailure(
+                ErrorKind.HEARTBEAT_TIMEOUT, f"nothing received for {silence_ms:.0f} ms"
+            )
+            self.last_failure = failure
+            self.live_generation = None
+            self._opened_at = None
+            self.log.warning("[WS] peer dead: %s", failure.describe())
+            effects = self._fire("peer_dead")
+            self._note_retry(effects)
+            return effects
+        return self._rearm_watchdog(DEAD_AFTER * interval - silence_ms)
+
+    def _rearm_watchdog(self, delay_ms: float) -> list[Effect]:
+        # Traffic arrived since the timer was armed: not a lifecycle event, just a later check.
+        return self._resolve([StartTimer(Timer.HEARTBEAT, max(delay_ms, 1.0))])
+
+    # -- data ------------------------------------------------------------------------------
+
+    def received(self, text: str) -> Received:
+        """A text frame on the open connection. Cheap: no lifecycle event unless degraded."""
+        self._count_received(text)
+        try:
+            data = decode_text(text)
+        except ProtocolError as exc:
+            self.log.debug("[WS] unparseable message: %s", exc)
+            return Received(None, None, self._resume())
+        kind = str(data["type"])
+        self.message_counts[kind] += 1
+        reply = None
+        if kind == "ping":
+            self.heartbeats_received += 1
+            reply = make_pong(self.clock.now(), self.config.client_id).serialize()
+            self.heartbeats_sent += 1
+        elif kind == "pong":
+            self.heartbeats_received += 1
+        message = None if kind in INTERNAL_TYPES else data
+        return Received(message, reply, self._resume())
+
+    def _count_received(self, text: str) -> None:
+        self.messages_received += 1
+        self._last_activity = self.clock.monotonic()
+
+    def _resume(self) -> list[Effect]:
+        if self.phase is Phase.DEGRADED:
+            self.log.info("[WS] traffic resumed")
+            return self._fire("traffic_resumed")
+        return []
+
+    def ping_text(self) -> str:
+        """A client ping, counted in ``heartbeats_sent`` once the runtime sends it."""
+        return make_ping(self.clock.now()).serialize()
+
+    def stamp(self, message: Mapping[str, Any]) -> dict[str, Any]:
+        """A copy of ``message`` with a ``timestamp`` added if it has none."""
+        if not isinstance(message, Mapping):
+            raise TypeError(f"a message must be a mapping, got {type(message).__name__}")
+        stamped = dict(message)
+        if "timestamp" not in stamped:
+            stamped["timestamp"] = format_timestamp(self.clock.now())
+        return stamped
+
+    def offer(self, message: dict[str, Any]) -> Offer:
+        """Decide what happens to an outgoing message in the current phase."""
+        phase = self.phase
+        if phase in SENDING_PHASES:
+            return Offer.SEND
+        if phase in QUEUEING_PHASES:
+            if len(self.queue) >= self.config.send_queue_limit:
+                return Offer.REFUSED_FULL
+            self.queue.append(message)
+            return Offer.QUEUED
+        return Offer.REFUSED_PHASE
+
+    def requeue(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Put unsent messages back at the front of the queue, in order, when the phase queues.
+
+        Returns those that could not be kept (phase or limit), for the application.
+        """
+        if self.phase not in QUEUEING_PHASES:
+            return messages
+        room = max(self.config.send_queue_limit - len(self.queue), 0)
+        kept, rest = messages[:room], messages[room:]
+        self.queue.extendleft(reversed(kept))
+        return rest
+
+    def take_queue(self) -> list[dict[str, Any]]:
+        """Empty the queue (for FlushQueue or ReturnQueue)."""
+        items = list(self.queue)
+        self.queue.clear()
+        return items
+
+    @staticmethod
+    def encode(message: Mapping[str, Any]) -> str:
+        """Compact JSON for the wire."""
+        return encode(message)
+
+    # -- the machine -----------------------------------------------------------------------
+
+    def _fire(self, event: str, **kwargs: Any) -> list[Effect]:
+        before = self.phase
+        self.lifecycle.send(event, **kwargs)
+        after = self.phase
+        effects = self._resolve(self.lifecycle.drain())
+        if after is Phase.FALLBACK and before is not Phase.FALLBACK:
+            self.fallback_reason = self._reason()
+            self.log.warning("[WS] Entering fallback mode: %s", self.fallback_reason)
+        elif after is not Phase.FALLBACK:
+            self.fallback_reason = None
+        if after is not before:
+            self.log.info("[WS] transition from %s to %s", before, after)
+        return effects
+
+    def _resolve(self, effects: list[Effect]) -> list[Effect]:
+        out: list[Effect] = []
+        now = self.clock.monotonic()
+        for effect in effects:
+            match effect:
+                case OpenSocket():
+                    self.generation += 1
+                    self.live_generation = self.generation
+                    self.total_attempts += 1
+                    self._begin_attempt(effect)
+                case CloseSocket():
+                    self.live_generation = None
+                    self._opened_at = None
+                case StartTimer(timer=timer, delay_ms=delay):
+                    self._next_token += 1
+                    self._timer_tokens[timer] = self._next_token
+                    self._timer_due[timer] = now + (delay or 0.0) / 1000.0
+                    effect = replace(effect, token=self._next_token)
+                case CancelTimer(timer=timer):
+                    self._timer_tokens.pop(timer, None)
+                    self._timer_due.pop(timer, None)
+                case ResetBackoff():
+                    pass
+            out.append(effect)
+        return out
+
+    def _reason(self) -> str:
+        failure = self.last_failure
+        if failure is None:
+            return "gave up"
+        classification = classify(failure)
+        if not classification.retryable:
+            return f"{failure.describe()} [{classification.kind}, not retryable]"
+        return (
+            f"{failure.describe()} [{classification.kind}] after "
+            f"{self.lifecycle.attempts} of {self.lifecycle.max_attempts} attempts"
+        )
+
+    def _note_retry(self, effects: list[Effect]) -> None:
+        for effect in effects:
+            if isinstance(effect, StartTimer) and effect.timer is Timer.RETRY:
+                delay = effect.delay_ms or 0.0
+                self.log.info("[WS] retrying in %.0f ms", delay)
+                if self._recent:
+                    self._recent[0] = replace(
+                        self._recent[0],
+                        next_retry_delay_ms=delay,
+                        next_retry_at=self.clock.now() + timedelta(milliseconds=delay),
+                    )
+
+    # -- attempts --------------------------------------------------------------------------
+
+    def _begin_attempt(self, effect: OpenSocket) -> None:
+        self.log.info("[WS] Attempting WebSocket connection")
+        self._current_started = self.clock.monotonic()
+        # The phase is the source's while the transition runs; probes run in fallback.
+        phase = self._attempt_phase(effect)
+        self._current = ConnectionAttempt(
+            number=max(effect.attempt or 1, 1), phase=phase, started_at=self.clock.now()
+        )
+
+    def _attempt_phase(self, effect: OpenSocket) -> Phase:
+        if effect.probe:
+            return Phase.FALLBACK
+        return Phase.CONNECTING if (effect.attempt or 1) <= 1 else Phase.RECONNECTING
+
+    def _finish_attempt(
+        self,
+        outcome: AttemptOutcome,
+        *,
+        failure: Failure | None = None,
+        classification: Classification | None = None,
+        detail: str | None = None,
+    ) -> None:
+        if self._current is None:
+            return
+        finished = replace(
+            self._current,
+            ended_at=self.clock.now(),
+            duration_ms=(self.clock.monotonic() - self._current_started) * 1000.0,
+            outcome=outcome,
+            failure_kind=None if classification is None else str(classification.kind),
+            retryable=None if classification is None else classification.retryable,
+            detail=detail if failure is None else failure.describe(),
+            close_code=failure.code if isinstance(failure, CloseFailure) else None,
+        )
+        self._recent.appendleft(finished)
+        self._current = None
+
+    # -- views -----------------------------------------------------------------------------
+
+    def uptime_ms(self) -> float:
+        """Milliseconds since the current connection opened; 0 when not connected."""
+        if self._opened_at is None or self.phase not in SENDING_PHASES:
+            return 0.0
+        return (self.clock.monotonic() - self._opened_at) * 1000.0
+
+    def snapshot(self) -> WSState:
+        """A fresh, immutable view of the whole state."""
+        now_mono = self.clock.monotonic()
+        now_wall = self.clock.now()
+        last_activity = (
+            None
+            if self._last_activity is None
+            else now_wall - timedelta(seconds=now_mono - self._last_activity)
+        )
+        stats = ConnectionStats(
+            total_attempts=self.total_attempts,
+            successful_connections=self.successful_connections,
+            current_uptime_ms=self.uptime_ms(),
+            messages_received=self.messages_received,
+            messages_sent=self.messages_sent,
+            heartbeats_received=self.heartbeats_received,
+            heartbeats_sent=self.heartbeats_sent,
+            last_activity=last_activity,
+            connection_start=self._connection_start if self._opened_at is not None else None,
+            message_counts_by_type=dict(self.message_counts),
+        )
+        return WSState(
+            phase=self.phase,
+            client_id=self.config.client_id,
+            url=self.url,
+            stats=stats,
+            current_attempt=self._current,
+            recent_attempts=tuple(self._recent),
+            fallback_reason=self.fallback_reason,
+            last_hello_message=self.hello,
+            connection_features=self.hello.features if self.hello is not None else (),
+            is_fallback_mode=self.phase is Phase.FALLBACK,
+        )

@@ -1,0 +1,133 @@
+"""The socket behind a client, behind a small interface the manager and the test fakes share.
+
+``open_websocket`` is the real one, on ``websockets.asyncio.client``. It maps every way a
+connection can fail to a ``steadysocket.model.classify`` failure, so classification stays pure.
+Protocol-level keepalive pings are off: the application-level heartbeat and the lifecycle's
+silence watchdog (``degraded``, dead peer) are the one liveness mechanism, with one set of
+timings taken from the server's hello.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import (
+    ConnectionClosed,
+    InvalidHandshake,
+    InvalidMessage,
+    InvalidStatus,
+    InvalidURI,
+)
+
+from steadysocket.model.classify import (
+    CloseFailure,
+    ErrorFailure,
+    ErrorKind,
+    Failure,
+    HttpFailure,
+)
+
+
+class TransportClosed(Exception):
+    """The connection ended; ``failure`` says how (a close frame, or no close frame)."""
+
+    def __init__(self, failure: CloseFailure | ErrorFailure) -> None:
+        super().__init__(failure.describe())
+        self.failure = failure
+
+
+class OpenFailed(Exception):
+    """The connection could not be opened; ``failure`` says why."""
+
+    def __init__(self, failure: Failure) -> None:
+        super().__init__(failure.describe())
+        self.failure = failure
+
+
+class Transport(Protocol):
+    """One open WebSocket connection."""
+
+    async def recv(self) -> str | bytes:
+        """The next frame; raises ``TransportClosed`` when the connection ends."""
+
+    async def send(self, text: str) -> None:
+        """Send one text frame; raises ``TransportClosed`` when the connection is gone."""
+
+    async def close(self, code: int, reason: str) -> None:
+        """Close with ``code`` and ``reason``; never raises for an already-closed connection."""
+
+
+Opener = Callable[[str], Awaitable[Transport]]
+"""Opens a transport to a URL; raises ``OpenFailed``. Timeouts are the lifecycle's business."""
+
+
+def _closed_failure(exc: ConnectionClosed) -> CloseFailure | ErrorFailure:
+    if exc.rcvd is None:
+        return ErrorFailure(ErrorKind.NO_CLOSE_FRAME, "connection lost without a close frame")
+    return CloseFailure(exc.rcvd.code, exc.rcvd.reason)
+
+
+class WebsocketsTransport:
+    """``Transport`` over a ``websockets`` client connection."""
+
+    def __init__(self, connection: ClientConnection) -> None:
+        self.connection = connection
+
+    async def recv(self) -> str | bytes:
+        try:
+            return await self.connection.recv()
+        except ConnectionClosed as exc:
+            raise TransportClosed(_closed_failure(exc)) from exc
+
+    async def send(self, text: str) -> None:
+        try:
+            await self.connection.send(text)
+        except ConnectionClosed as exc:
+            raise TransportClosed(_closed_failure(exc)) from exc
+
+    async def close(self, code: int, reason: str) -> None:
+        await self.connection.close(code, reason)
+
+
+def failure_from_exception(exc: BaseException) -> Failure:
+    """Map an exception raised while opening a connection to a failure to classify."""
+    # TimeoutError is an OSError: test it first.
+    if isinstance(exc, TimeoutError):
+        return ErrorFailure(ErrorKind.CONNECT_TIMEOUT, "opening handshake timed out")
+    if isinstance(exc, InvalidStatus):
+        return HttpFailure(exc.response.status_code)
+    if isinstance(exc, ConnectionClosed):
+        return _closed_failure(exc)
+    if isinstance(exc, InvalidMessage | InvalidHandshake):
+        return ErrorFailure(ErrorKind.NO_CLOSE_FRAME, f"handshake broke off: {exc}")
+    if isinstance(exc, ConnectionRefusedError):
+        return ErrorFailure(ErrorKind.REFUSED, str(exc))
+    if isinstance(exc, socket.gaierror):
+        return ErrorFailure(ErrorKind.DNS, str(exc))
+    if isinstance(exc, OSError) and exc.errno in {
+        errno.EHOSTUNREACH,
+        errno.ENETUNREACH,
+        errno.ECONNRESET,
+        errno.EPIPE,
+    }:
+        return ErrorFailure(ErrorKind.UNREACHABLE, str(exc))
+    if isinstance(exc, OSError):
+        return ErrorFailure(ErrorKind.REFUSED, str(exc))
+    return ErrorFailure(ErrorKind.OTHER, f"{type(exc).__name__}: {exc}")
+
+
+async def open_websocket(url: str, *, max_size: int | None = 1 << 20) -> Transport:
+    """Open a real WebSocket connection to ``url``; raises ``OpenFailed``."""
+    try:
+        connection = await connect(
+            url, proxy=None, open_timeout=None, ping_interval=None, max_size=max_size
+        )
+    except InvalidURI as exc:
+        raise ValueError(f"invalid WebSocket URL {url!r}: {exc}") from exc
+    except Exception as exc:
+        raise OpenFailed(failure_from_exception(exc)) from exc
+    return WebsocketsTransport(connection)
