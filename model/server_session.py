@@ -1,0 +1,597 @@
+"""The server side of one ``/ws/client`` connection, pure: time and ids in, actions out.
+
+Everything PROTOCOL.md (Server) decides about a connection lives in this file: which path is
+which endpoint, the query checks and their close codes, the hello, the ping schedule, the
+dead-client rule, the reply to each message type, and what the legacy echo answers. A runtime
+(the websockets server in ``steadysocket.runtime.server``, or an ASGI adapter) is a pump:
+
+1. :func:`match_route` on the request target: :class:`ClientRoute`, :class:`LegacyRoute`, or
+   ``None`` (HTTP 404).
+2. For ``/ws/client``, accept the upgrade first, then call :meth:`ServerSession.open`. It returns
+   the hello, or the :class:`Close` that refuses the connection.
+3. Feed every frame to :meth:`ServerSession.receive_text` or :meth:`ServerSession.receive_bytes`,
+   and call :meth:`ServerSession.handle_timer` whenever :meth:`ServerSession.next_deadline`
+   passes. Carry out the returned actions in order:
+
+   - :class:`SendText`: send a text frame;
+   - :class:`Close`: close the WebSocket with that code and reason;
+   - :class:`Deliver`: hand the message to the application's handler for its ``type``.
+
+4. :meth:`ServerSession.connection_lost` when the socket ends, :meth:`ServerSession.shutdown`
+   when the server stops.
+
+Time is always an input: ``now`` is monotonic seconds (any origin; it only schedules) and
+``wall`` an aware datetime for timestamps on the wire. A session costs a few attributes to
+build, so a server can afford one per connection; the connection lifecycle machine in
+:mod:`steadysocket.model.lifecycle` is deliberately not used here.
+
+Exceptions::
+
+    ValueError
+     └── ConfigError            .variable, .value: a bad setting, named
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import Enum
+from typing import Any, Final
+from urllib.parse import unquote
+
+from steadysocket.model.protocol import (
+    Accept,
+    CloseCode,
+    Echo,
+    ErrorCode,
+    MessageType,
+    ProtocolError,
+    Status,
+    decode_text,
+    encode,
+    format_timestamp,
+    make_error,
+    make_hello,
+    make_ping,
+    make_pong,
+    truncate_reason,
+    validate_query,
+)
+
+__all__ = [
+    "CLIENT_PATH",
+    "DEFAULT_CONNECTION_TIMEOUT_MS",
+    "DEFAULT_HEARTBEAT_INTERVAL_MS",
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "ENV_CONNECTION_TIMEOUT_MS",
+    "ENV_HEARTBEAT_INTERVAL_MS",
+    "HANDSHAKE_ERROR",
+    "HEARTBEAT_TIMEOUT",
+    "MAX_INTERVAL_MS",
+    "MESSAGE_TOO_BIG",
+    "SHUTDOWN",
+    "UNSUPPORTED_LEGACY_DATA",
+    "Action",
+    "ClientRoute",
+    "Close",
+    "ConfigError",
+    "Deliver",
+    "LegacyRoute",
+    "SendText",
+    "ServerConfig",
+    "ServerSession",
+    "SessionState",
+    "encode_server_message",
+    "is_sendable_close_code",
+    "legacy_echo",
+    "match_route",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Actions
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SendText:
+    """Send ``text`` in a text frame."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Close the WebSocket with ``code`` and ``reason`` (at most 123 UTF-8 bytes).
+
+    ``code`` is a :class:`CloseCode` for the protocol's own closes; an application may close
+    with any code a server may send.
+    """
+
+    code: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver:
+    """Hand ``message`` to the application's handler for ``message["type"]``.
+
+    The dict is the decoded frame; the session keeps no reference to it.
+    """
+
+    message: dict[str, Any] = field(hash=False)
+
+    @property
+    def type(self) -> str:
+        """The message's ``type``, always a non-empty string."""
+        kind: str = self.message["type"]
+        return kind
+
+
+Action = SendText | Close | Deliver
+"""What a session asks its runtime to do."""
+
+HANDSHAKE_ERROR: Final = Close(CloseCode.HANDSHAKE_ERROR, "Server handshake error")
+"""Any exception while accepting or sending the hello (PROTOCOL Server 2)."""
+
+HEARTBEAT_TIMEOUT: Final = Close(CloseCode.INTERNAL_ERROR, "heartbeat timeout")
+"""Nothing arrived within the connection timeout after a ping (PROTOCOL Server 4)."""
+
+MESSAGE_TOO_BIG: Final = Close(CloseCode.MESSAGE_TOO_BIG, "Message too big")
+"""A frame over ``max_message_bytes`` (PROTOCOL Server 5)."""
+
+SHUTDOWN: Final = Close(CloseCode.GOING_AWAY, "Server shutting down")
+"""Graceful shutdown (PROTOCOL Server 6)."""
+
+UNSUPPORTED_LEGACY_DATA: Final = Close(1003, "Text frames only")
+"""The legacy echo's answer to a binary frame: 1003 (unsupported data) is RFC 6455's code."""
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+
+ENV_HEARTBEAT_INTERVAL_MS: Final = "WS_HEARTBEAT_INTERVAL_MS"
+ENV_CONNECTION_TIMEOUT_MS: Final = "WS_CONNECTION_TIMEOUT_MS"
+DEFAULT_HEARTBEAT_INTERVAL_MS: Final = 25_000
+DEFAULT_CONNECTION_TIMEOUT_MS: Final = 30_000
+DEFAULT_MAX_MESSAGE_BYTES: Final = 1 << 20
+
+MAX_INTERVAL_MS: Final = 2**31 - 1
+"""Largest accepted interval or timeout: a browser's ``setTimeout`` overflows above it, and a
+client arms its own timers from the hello's ``heartbeat_interval_ms``."""
+
+_DIGITS = re.compile(r"[0-9]+")
+
+
+class ConfigError(ValueError):
+    """A setting is malformed; ``variable`` names the env var or argument, ``value`` is as given."""
+
+    def __init__(self, variable: str, value: object, expected: str) -> None:
+        self.variable = variable
+        self.value = value
+        super().__init__(f"{variable} must be {expected}, got {value!r}")
+
+
+def _check_positive(name: str, value: object, maximum: int | None) -> None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+    if ok and maximum is not None:
+        assert isinstance(value, int)
+        ok = value <= maximum
+    if not ok:
+        expected = "a positive integer" + (f" no larger than {maximum}" if maximum else "")
+        raise ConfigError(name, value, expected)
+
+
+def _from_environ(environ: Mapping[str, str], name: str) -> int | None:
+    raw = environ.get(name)
+    if raw is None or not raw.strip():
+        # Set-but-empty means unset, as `VAR= command` and compose files commonly produce it.
+        return None
+    text = raw.strip()
+    if _DIGITS.fullmatch(text) is None or len(text) > 12:
+        raise ConfigError(name, raw, f"a positive integer of milliseconds (1..{MAX_INTERVAL_MS})")
+    value = int(text)
+    if not 0 < value <= MAX_INTERVAL_MS:
+        raise ConfigError(name, raw, f"a positive integer of milliseconds (1..{MAX_INTERVAL_MS})")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """Server settings. Construction validates them.
+
+    Attributes:
+        heartbeat_interval_ms: how often the server pings, announced in the hello.
+        connection_timeout_ms: how long a client may stay silent after a ping before it is closed
+            with 1011; it also bounds the opening handshake and every send.
+        max_message_bytes: largest frame accepted from a client; a larger one closes with 1009.
+
+    Raises:
+        ConfigError: a value is not a positive integer (intervals at most :data:`MAX_INTERVAL_MS`).
+    """
+
+    heartbeat_interval_ms: int = DEFAULT_HEARTBEAT_INTERVAL_MS
+    connection_timeout_ms: int = DEFAULT_CONNECTION_TIMEOUT_MS
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+
+    def __post_init__(self) -> None:
+        _check_positive("heartbeat_interval_ms", self.heartbeat_interval_ms, MAX_INTERVAL_MS)
+        _check_positive("connection_timeout_ms", self.connection_timeout_ms, MAX_INTERVAL_MS)
+        _check_positive("max_message_bytes", self.max_message_bytes, None)
+
+    @classmethod
+    def from_env(
+        cls,
+        environ: Mapping[str, str],
+        *,
+        heartbeat_interval_ms: int | None = None,
+        connection_timeout_ms: int | None = None,
+        max_message_bytes: int | None = None,
+    ) -> ServerConfig:
+        """Build a config: an explicit argument wins, then the environment, then the default.
+
+        ``None`` means "not given". ``environ`` is passed in (normally ``os.environ``) so the
+        model reads nothing itself. An empty variable counts as unset.
+
+        Raises:
+            ConfigError: a variable or argument is malformed; the message names it and the value.
+        """
+        if heartbeat_interval_ms is None:
+            heartbeat_interval_ms = _from_environ(environ, ENV_HEARTBEAT_INTERVAL_MS)
+        if connection_timeout_ms is None:
+            connection_timeout_ms = _from_environ(environ, ENV_CONNECTION_TIMEOUT_MS)
+        return cls(
+            heartbeat_interval_ms=(
+                DEFAULT_HEARTBEAT_INTERVAL_MS
+                if heartbeat_interval_ms is None
+                else heartbeat_interval_ms
+            ),
+            connection_timeout_ms=(
+                DEFAULT_CONNECTION_TIMEOUT_MS
+                if connection_timeout_ms is None
+                else connection_timeout_ms
+            ),
+            max_message_bytes=(
+                DEFAULT_MAX_MESSAGE_BYTES if max_message_bytes is None else max_message_bytes
+            ),
+        )
+
+    @property
+    def heartbeat_interval(self) -> float:
+        """The heartbeat interval in seconds."""
+        return self.heartbeat_interval_ms / 1000
+
+    @property
+    def connection_timeout(self) -> float:
+        """The connection timeout in seconds."""
+        return self.connection_timeout_ms / 1000
+
+
+# --------------------------------------------------------------------------------------------
+# Routing and the legacy echo
+# --------------------------------------------------------------------------------------------
+
+CLIENT_PATH: Final = "/ws/client"
+_LEGACY_PREFIX = "/ws/"
+
+
+@dataclass(frozen=True, slots=True)
+class ClientRoute:
+    """The canonical endpoint; ``query`` is the raw query string, without ``?``."""
+
+    query: str
+
+
+@dataclass(frozen=True, slots=True)
+class LegacyRoute:
+    """The legacy ``/ws/{client_id}`` echo; ``client_id`` is the percent-decoded segment."""
+
+    client_id: str
+
+
+def match_route(target: str) -> ClientRoute | LegacyRoute | None:
+    """Map a request target (path and optional query) to an endpoint; ``None`` means HTTP 404.
+
+    ``/ws/client`` is matched first, so the legacy route can never shadow it (the origin's route
+    order did). The legacy route takes exactly one non-empty segment: ``/ws/abc`` matches,
+    ``/ws/``, ``/ws/a/b`` and ``/ws/client/`` do not. Paths compare byte for byte, as they
+    arrive; no slash collapsing or case folding.
+    """
+    path, _, query = target.partition("?")
+    path = path.partition("#")[0]
+    if path == CLIENT_PATH:
+        return ClientRoute(query.partition("#")[0])
+    if path.startswith(_LEGACY_PREFIX):
+        segment = path[len(_LEGACY_PREFIX) :]
+        if segment and "/" not in segment:
+            return LegacyRoute(unquote(segment))
+    return None
+
+
+def legacy_echo(text: str) -> SendText:
+    """The legacy endpoint's reply to a text frame: ``Echo: <text>``, as the origin sent it."""
+    return SendText(f"Echo: {text}")
+
+
+def encode_server_message(message: Mapping[str, Any], wall: datetime) -> str:
+    """Encode an application message the server sends, adding ``timestamp`` if it has none.
+
+    PROTOCOL Server 3: every server message besides the hello carries a timestamp. The message
+    must have a non-empty string ``type``.
+
+    Raises:
+        ValueError: no string ``type``; or a value is NaN, infinite or circular.
+        TypeError: a value is not JSON-serializable.
+    """
+    kind = message.get("type")
+    if not isinstance(kind, str) or not kind:
+        raise ValueError(f"a server message needs a non-empty string 'type', got {kind!r}")
+    if "timestamp" in message:
+        return encode(message)
+    return encode({**message, "timestamp": format_timestamp(wall)})
+
+
+# --------------------------------------------------------------------------------------------
+# The session
+# --------------------------------------------------------------------------------------------
+
+
+class SessionState(Enum):
+    """Where a session is: before :meth:`~ServerSession.open`, open, or done."""
+
+    NEW = "new"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+_NO_ACTIONS: Final[list[Action]] = []
+_BINARY_TEXT = "binary frames are not supported; send JSON text frames"
+
+
+def _utf8_length_exceeds(text: str, limit: int) -> bool:
+    # len(text) <= UTF-8 length <= 4 * len(text): encode only when the bounds disagree.
+    if len(text) > limit:
+        return True
+    if 4 * len(text) <= limit:
+        return False
+    return len(text.encode("utf-8", "surrogatepass")) > limit
+
+
+class ServerSession:
+    """One ``/ws/client`` connection's protocol state. See the module docstring for the pump.
+
+    Every method returns a new list of actions (possibly empty) and never raises for anything
+    the peer sends. After a :class:`Close` action the session is :attr:`SessionState.CLOSED`
+    and ignores further input.
+
+    Args:
+        config: the server's settings; only the heartbeat interval, the connection timeout and
+            the message size limit are read.
+    """
+
+    __slots__ = (
+        "_config",
+        "_dead_at",
+        "_interval",
+        "_last_heartbeat",
+        "_next_ping_at",
+        "_opened_at",
+        "_timeout",
+        "client_id",
+        "heartbeat_count",
+        "request_id",
+        "role",
+        "state",
+        "version",
+    )
+
+    def __init__(self, config: ServerConfig) -> None:
+        self._config = config
+        self._interval = config.heartbeat_interval
+        self._timeout = config.connection_timeout
+        self.state = SessionState.NEW
+        self.client_id = ""
+        """The validated ``client_id``; empty until :meth:`open` accepts."""
+        self.role = ""
+        """The validated role, as a string; empty until :meth:`open` accepts."""
+        self.version = 0
+        """The accepted protocol version; 0 until :meth:`open` accepts."""
+        self.request_id = ""
+        """The hello's ``request_id``."""
+        self.heartbeat_count = 0
+        """How many pings have been sent; the next ping carries this number."""
+        self._opened_at = 0.0
+        self._next_ping_at = 0.0
+        self._dead_at: float | None = None
+        self._last_heartbeat: str | None = None
+
+    # ---- opening ---------------------------------------------------------------------------
+
+    def open(
+        self,
+        query: str | Mapping[str, Sequence[str]],
+        *,
+        now: float,
+        wall: datetime,
+        request_id: str,
+    ) -> list[Action]:
+        """Validate the query of an accepted upgrade; answer with the hello or a refusal.
+
+        Call it right after the WebSocket upgrade has been accepted, so that a refusal reaches
+        the client as a close frame (PROTOCOL Server 1). Returns ``[SendText(hello)]`` and
+        starts the ping schedule at ``now``, or ``[Close(code, reason)]`` (4400, 4401, 1008).
+
+        Raises:
+            RuntimeError: the session was already opened; a bug in the runtime, not the peer.
+        """
+        if self.state is not SessionState.NEW:
+            raise RuntimeError(f"open() on a session that is {self.state.value}")
+        decision = validate_query(query)
+        if not isinstance(decision, Accept):
+            self.state = SessionState.CLOSED
+            return [Close(decision.code, decision.reason)]
+        hello = make_hello(
+            now=wall,
+            client_id=decision.client_id,
+            request_id=request_id,
+            heartbeat_interval_ms=self._config.heartbeat_interval_ms,
+            version=decision.version,
+        )
+        self.state = SessionState.OPEN
+        self.client_id = decision.client_id
+        self.role = str(decision.role)
+        self.version = decision.version
+        self.request_id = request_id
+        self._opened_at = now
+        self._next_ping_at = now + self._interval
+        return [SendText(hello.serialize())]
+
+    def fail_handshake(self) -> list[Action]:
+        """The runtime failed while accepting or sending the hello: close with 4500."""
+        if self.state is SessionState.CLOSED:
+            return []
+        self.state = SessionState.CLOSED
+        return [HANDSHAKE_ERROR]
+
+    # ---- input -----------------------------------------------------------------------------
+
+    def receive_text(self, text: str, *, now: float, wall: datetime) -> list[Action]:
+        """A text frame arrived: reply per PROTOCOL Server 5.
+
+        - ``ping`` → pong; ``pong`` → nothing (its arrival is the activity that counts);
+          ``status`` → the status reply;
+        - not JSON → error ``INVALID_JSON``; not an object, or no non-empty string ``type`` →
+          error ``INVALID_MESSAGE``; the connection stays open;
+        - over ``max_message_bytes`` → close 1009;
+        - any other ``type`` → :class:`Deliver`.
+
+        Any frame, even a malformed one, counts as a sign of life for the dead-client rule.
+        """
+        if self.state is not SessionState.OPEN:
+            return []
+        self._dead_at = None
+        if _utf8_length_exceeds(text, self._config.max_message_bytes):
+            self.state = SessionState.CLOSED
+            return [MESSAGE_TOO_BIG]
+        try:
+            message = decode_text(text)
+        except ProtocolError as exc:
+            return [SendText(make_error(wall, exc.error_code, str(exc)).serialize())]
+        kind = message["type"]
+        if kind == MessageType.PING:
+            return [SendText(make_pong(wall, self.client_id).serialize())]
+        if kind == MessageType.PONG:
+            return []
+        if kind == MessageType.STATUS:
+            return [SendText(self.status(now=now, wall=wall).serialize())]
+        return [Deliver(message)]
+
+    def receive_bytes(self, data: bytes, *, now: float, wall: datetime) -> list[Action]:
+        """A binary frame arrived: error ``UNSUPPORTED_DATA`` (1009 if oversize); stays open."""
+        if self.state is not SessionState.OPEN:
+            return []
+        self._dead_at = None
+        if len(data) > self._config.max_message_bytes:
+            self.state = SessionState.CLOSED
+            return [MESSAGE_TOO_BIG]
+        error = make_error(wall, ErrorCode.UNSUPPORTED_DATA, _BINARY_TEXT)
+        return [SendText(error.serialize())]
+
+    # ---- time ------------------------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`handle_timer` has work next, in the ``now`` timescale; ``None`` if never.
+
+        Calling :meth:`handle_timer` earlier is harmless; calling it late delays the work.
+        """
+        if self.state is not SessionState.OPEN:
+            return None
+        if self._dead_at is not None and self._dead_at < self._next_ping_at:
+            return self._dead_at
+        return self._next_ping_at
+
+    def handle_timer(self, *, now: float, wall: datetime) -> list[Action]:
+        """Do what is due at ``now``: the dead-client close, or the next ping.
+
+        Ping ``n`` (from 0) is due at ``opened + (n + 1) * interval``. A late call sends one ping
+        and skips the slots it missed, so a stalled loop never bursts. After a ping, if nothing
+        arrives within ``connection_timeout`` the next call closes with 1011
+        ``heartbeat timeout``; the clock starts at the first ping not yet answered by any
+        arrival, so each silent stretch is measured from its first ping.
+        """
+        if self.state is not SessionState.OPEN:
+            return []
+        if self._dead_at is not None and now >= self._dead_at:
+            self.state = SessionState.CLOSED
+            return [HEARTBEAT_TIMEOUT]
+        if now < self._next_ping_at:
+            return []
+        ping = make_ping(wall, heartbeat_count=self.heartbeat_count, client_id=self.client_id)
+        self.heartbeat_count += 1
+        self._last_heartbeat = ping.timestamp
+        if self._dead_at is None:
+            self._dead_at = now + self._timeout
+        self._next_ping_at += self._interval
+        if self._next_ping_at <= now:
+            missed = (now - self._next_ping_at) // self._interval + 1
+            self._next_ping_at += missed * self._interval
+        return [SendText(ping.serialize())]
+
+    # ---- replies the application asks for ---------------------------------------------------
+
+    def status(self, *, now: float, wall: datetime) -> Status:
+        """The status reply: uptime (ms precision), pings sent, the latest ping's timestamp."""
+        return Status(
+            connection_uptime_seconds=round(max(0.0, now - self._opened_at), 3),
+            heartbeat_count=self.heartbeat_count,
+            last_heartbeat=self._last_heartbeat,
+            client_id=self.client_id,
+            timestamp=format_timestamp(wall),
+        )
+
+    def echo(self, message: Mapping[str, Any], *, wall: datetime) -> SendText:
+        """The default handler's reply: ``{"type":"echo","original_message",...}``."""
+        reply = Echo(
+            original_message=dict(message),
+            timestamp=format_timestamp(wall),
+            client_id=self.client_id,
+        )
+        return SendText(reply.serialize())
+
+    # ---- ending ----------------------------------------------------------------------------
+
+    def shutdown(self) -> list[Action]:
+        """The server is stopping: close with 1001 ``Server shutting down`` if still open."""
+        if self.state is not SessionState.OPEN:
+            self.state = SessionState.CLOSED
+            return []
+        self.state = SessionState.CLOSED
+        return [SHUTDOWN]
+
+    def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> list[Action]:
+        """The application closes the connection; ``reason`` is cut to 123 UTF-8 bytes.
+
+        Raises:
+            ValueError: ``code`` is not one a server may send (1000-1003, 1007-1014,
+                3000-4999); that is the caller's mistake, not the peer's.
+        """
+        if not is_sendable_close_code(code):
+            raise ValueError(f"a server cannot close with code {code!r}")
+        if self.state is SessionState.CLOSED:
+            return []
+        self.state = SessionState.CLOSED
+        return [Close(code, truncate_reason(reason))]
+
+    def connection_lost(self) -> None:
+        """The socket is gone, however it ended; the session stops scheduling."""
+        self.state = SessionState.CLOSED
+
+
+def is_sendable_close_code(code: object) -> bool:
+    """Whether a server may put ``code`` in a close frame (RFC 6455 §7.4)."""
+    if not isinstance(code, int) or isinstance(code, bool):
+        return False
+    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
