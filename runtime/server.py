@@ -1,0 +1,585 @@
+"""The steadysocket server on websockets' asyncio server: a pump around the model's ServerSession.
+
+Every protocol decision (routes, query checks, hello, ping schedule, dead-client rule, replies)
+is made by :class:`steadysocket.model.server_session.ServerSession`. This module only carries
+out its actions over real sockets, runs the application's hooks, and owns the tasks:
+
+- one websockets handler task per connection (websockets creates it), and inside it an
+  :class:`asyncio.TaskGroup` with a reader and a heartbeat task for ``/ws/client``;
+- no other task is created, so after :meth:`SteadyServer.close` nothing is left running.
+
+Endpoints:
+
+- ``/ws/client?client_id=…&version=1&role=frontend``: the upgrade is always accepted first, so a
+  refusal reaches any client as a close frame (4400, 4401, 1008, 4500);
+- ``/ws/{client_id}``: the legacy plain-text echo (``Echo: <text>``), no hello;
+- anything else: HTTP 404.
+
+Keepalive decision: websockets' protocol-level keepalive (Ping/Pong control frames) is **off**
+on ``/ws/client``. The JSON ``ping`` heartbeat of the seed is the one liveness rule there, with
+one documented outcome (1011 ``heartbeat timeout``); a second mechanism would race it with a
+different reason and cost a task per connection. The legacy echo has no heartbeat of its own,
+so it gets websockets' keepalive (a Ping every heartbeat interval, closed with 1011 if no Pong
+within the connection timeout), the only way to notice a dead legacy peer.
+
+Slow readers: every send is bounded by the connection timeout. A client whose send does not
+complete in time has stopped reading; its TCP connection is aborted (a close frame could not
+reach it anyway) and it ends like any lost connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http
+import logging
+import os
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any, Literal, Self, TypeVar
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+from websockets.protocol import State
+
+from steadysocket.model.protocol import CloseCode, MessageType
+from steadysocket.model.server_session import (
+    SHUTDOWN,
+    UNSUPPORTED_LEGACY_DATA,
+    Action,
+    ClientRoute,
+    Close,
+    Deliver,
+    LegacyRoute,
+    SendText,
+    ServerConfig,
+    ServerSession,
+    SessionState,
+    encode_server_message,
+    legacy_echo,
+    match_route,
+)
+
+__all__ = [
+    "Client",
+    "ConnectHook",
+    "DisconnectHook",
+    "MessageHandler",
+    "SteadyServer",
+    "echo_handler",
+]
+
+logger = logging.getLogger(__name__)
+
+MessageHandler = Callable[[dict[str, Any], "Client"], Awaitable[None]]
+"""``async def handler(message, client)``: one application message and the client it came from."""
+
+ConnectHook = Callable[["Client"], Awaitable[None]]
+"""``async def hook(client)``: after the hello was sent, before the first message is read."""
+
+DisconnectHook = Callable[["Client"], Awaitable[None]]
+"""``async def hook(client)``: after the connection ended; ``client.close_code`` tells how."""
+
+_H = TypeVar("_H", bound=MessageHandler)
+_C = TypeVar("_C", bound=ConnectHook)
+
+_RESERVED_TYPES = frozenset({MessageType.PING, MessageType.PONG, MessageType.STATUS})
+_MAX_CLOSE_TIMEOUT = 10.0
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _new_request_id() -> str:
+    return str(uuid.uuid4())
+
+
+def _peer(ws: ServerConnection) -> str:
+    address = ws.remote_address
+    if isinstance(address, tuple) and len(address) >= 2:
+        return f"{address[0]}:{address[1]}"
+    return str(address)
+
+
+def _tracking_connection_class(live: set[ServerConnection]) -> type[ServerConnection]:
+    """A ServerConnection that records itself in ``live`` from TCP accept to TCP close.
+
+    websockets only tracks connections that completed the upgrade; a TCP connection that never
+    sends its request would hold :meth:`SteadyServer.close` up for the whole open timeout.
+    """
+
+    class _TrackedConnection(ServerConnection):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            live.add(self)
+            super().connection_made(transport)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            live.discard(self)
+            super().connection_lost(exc)
+
+    return _TrackedConnection
+
+
+class Client:
+    """One connected ``/ws/client`` peer, as hooks and handlers see it.
+
+    Several connections may share a ``client_id`` (two browser tabs); each is its own
+    :class:`Client`.
+    """
+
+    __slots__ = ("_server", "_session", "_ws")
+
+    def __init__(self, server: SteadyServer, ws: ServerConnection, session: ServerSession):
+        self._server = server
+        self._ws = ws
+        self._session = session
+
+    @property
+    def client_id(self) -> str:
+        """The validated ``client_id`` from the query."""
+        return self._session.client_id
+
+    @property
+    def role(self) -> str:
+        """``frontend``, ``admin`` or ``test``."""
+        return self._session.role
+
+    @property
+    def request_id(self) -> str:
+        """The ``request_id`` of this connection's hello."""
+        return self._session.request_id
+
+    @property
+    def remote_address(self) -> str:
+        """``host:port`` of the peer."""
+        return _peer(self._ws)
+
+    @property
+    def close_code(self) -> int | None:
+        """The close code once the connection has ended (1006 when no close frame arrived)."""
+        return self._ws.close_code
+
+    @property
+    def close_reason(self) -> str | None:
+        """The close reason once the connection has ended."""
+        return self._ws.close_reason
+
+    async def send(self, message: Mapping[str, Any]) -> bool:
+        """Send an application message; a ``timestamp`` is added if it has none.
+
+        Returns whether it was sent: ``False`` when the connection is closed, or was aborted
+        because the client stopped reading.
+
+        Raises:
+            ValueError: the message has no string ``type``, or holds NaN or a cycle.
+            TypeError: the message holds something that is not JSON.
+        """
+        text = encode_server_message(message, self._server._wall_clock())
+        return await self._server._send(self._ws, text)
+
+    async def echo(self, message: Mapping[str, Any]) -> bool:
+        """Send the default handler's ``echo`` of ``message`` back."""
+        action = self._session.echo(message, wall=self._server._wall_clock())
+        return await self._server._send(self._ws, action.text)
+
+    async def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        """Close this connection with ``code`` and ``reason`` (cut to 123 bytes).
+
+        Raises:
+            ValueError: a server may not send ``code``.
+        """
+        await self._server._perform(self, self._session.close(code, reason))
+
+    def __repr__(self) -> str:
+        return f"<Client {self.client_id!r} {self.role} {self.remote_address}>"
+
+
+async def echo_handler(message: dict[str, Any], client: Client) -> None:
+    """The default handler: ``{"type":"echo","original_message",...}`` back to the sender."""
+    await client.echo(message)
+
+
+class SteadyServer:
+    """The ``/ws/client`` and legacy endpoints, served by websockets.
+
+    Use it as ``async with SteadyServer(...) as server:``, or ``await server.start()`` and
+    ``await server.close()``.
+
+    Configuration: pass ``config``, or any of ``heartbeat_interval_ms``,
+    ``connection_timeout_ms``, ``max_message_bytes``; what is not given comes from
+    ``WS_HEARTBEAT_INTERVAL_MS`` / ``WS_CONNECTION_TIMEOUT_MS``, then the defaults.
+
+    Args:
+        host: interface to bind; ``127.0.0.1`` by default.
+        port: TCP port; 0 picks a free one, readable from :attr:`port` after :meth:`start`.
+        config: complete settings; not combinable with the three ``*_ms``/``*_bytes`` arguments.
+        environ: where to read the variables (``os.environ`` by default).
+        compression: ``"deflate"`` (permessage-deflate, the default) or ``None``.
+        default_handler: handler for types with no :meth:`on_message` registration;
+            :func:`echo_handler` by default.
+        request_id_factory: makes each hello's ``request_id`` (a UUID4 by default).
+        wall_clock: the aware datetime stamped on messages (UTC now by default).
+
+    Raises:
+        ConfigError: a setting or variable is malformed (a ``ValueError``).
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        *,
+        config: ServerConfig | None = None,
+        heartbeat_interval_ms: int | None = None,
+        connection_timeout_ms: int | None = None,
+        max_message_bytes: int | None = None,
+        environ: Mapping[str, str] | None = None,
+        compression: Literal["deflate"] | None = "deflate",
+        default_handler: MessageHandler = echo_handler,
+        request_id_factory: Callable[[], str] = _new_request_id,
+        wall_clock: Callable[[], datetime] = _utc_now,
+    ) -> None:
+        explicit = (heartbeat_interval_ms, connection_timeout_ms, max_message_bytes)
+        if config is None:
+            config = ServerConfig.from_env(
+                os.environ if environ is None else environ,
+                heartbeat_interval_ms=heartbeat_interval_ms,
+                connection_timeout_ms=connection_timeout_ms,
+                max_message_bytes=max_message_bytes,
+            )
+        elif any(value is not None for value in explicit):
+            raise TypeError("pass either config or individual settings, not both")
+        self.config = config
+        self.host = host
+        self._requested_port = port
+        self._compression = compression
+        self._default_handler = default_handler
+        self._request_id_factory = request_id_factory
+        self._wall_clock = wall_clock
+        self._handlers: dict[str, MessageHandler] = {}
+        self._connect_hooks: list[ConnectHook] = []
+        self._disconnect_hooks: list[DisconnectHook] = []
+        self._clients: dict[str, set[Client]] = {}
+        self._ws_server: Server | None = None
+        self._live: set[ServerConnection] = set()
+        self._port: int | None = None
+        self._closing = False
+
+    # ---- registration -------------------------------------------------------------------
+
+    def on_message(self, message_type: str) -> Callable[[_H], _H]:
+        """Register the handler for one application ``type``; use as a decorator.
+
+        ``@server.on_message("chat")`` above ``async def chat(message, client): ...``. A
+        handler runs inside its connection's reader, so messages of one connection are handled
+        in order; a slow handler slows that connection only. An exception is logged and the
+        connection stays open.
+
+        Raises:
+            ValueError: ``ping``, ``pong`` and ``status`` are answered by the protocol itself.
+        """
+        if message_type in _RESERVED_TYPES:
+            raise ValueError(f"{message_type!r} is a system message the server answers itself")
+
+        def register(handler: _H) -> _H:
+            self._handlers[message_type] = handler
+            return handler
+
+        return register
+
+    def on_connect(self, hook: _C) -> _C:
+        """Register a hook run for each accepted ``/ws/client`` connection; a decorator."""
+        self._connect_hooks.append(hook)
+        return hook
+
+    def on_disconnect(self, hook: _C) -> _C:
+        """Register a hook run when an accepted ``/ws/client`` connection ends; a decorator."""
+        self._disconnect_hooks.append(hook)
+        return hook
+
+    # ---- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind and start serving.
+
+        Raises:
+            OSError: the address cannot be bound (for instance, the port is in use).
+            RuntimeError: the server was already started.
+        """
+        if self._ws_server is not None:
+            raise RuntimeError("SteadyServer.start() called twice")
+        timeout = self.config.connection_timeout
+        self._ws_server = await serve(
+            self._handle,
+            self.host,
+            self._requested_port,
+            process_request=self._process_request,
+            compression=self._compression,
+            open_timeout=timeout,
+            ping_interval=None,
+            ping_timeout=None,
+            close_timeout=min(timeout, _MAX_CLOSE_TIMEOUT),
+            max_size=self.config.max_message_bytes,
+            create_connection=_tracking_connection_class(self._live),
+        )
+        self._port = self._ws_server.sockets[0].getsockname()[1]
+        logger.info("listening on %s", self.url)
+
+    async def close(self) -> None:
+        """Close every client with 1001 ``Server shutting down`` and stop; idempotent.
+
+        Returns when every connection and every task of this server has finished.
+        """
+        server = self._ws_server
+        if server is None:
+            return
+        if not self._closing:
+            self._closing = True
+            # Stop listening first, let connections accepted just now register, then drop the
+            # ones still before their upgrade: they would otherwise hold shutdown up for the
+            # whole open timeout. (websockets answers a request that arrives now with 503.)
+            server.server.close()
+            await asyncio.sleep(0)
+            for connection in list(self._live):
+                if connection.protocol.state is State.CONNECTING:
+                    connection.transport.abort()
+            for client in self.clients:
+                # The session stops its ping schedule; websockets sends the close frame below,
+                # to legacy connections and ones still in their handshake as well.
+                client._session.shutdown()
+            server.close(code=SHUTDOWN.code, reason=SHUTDOWN.reason)
+        await server.wait_closed()
+        if server.close_task is not None:
+            await server.close_task
+        logger.info("server on %s closed", self.url)
+
+    async def wait_closed(self) -> None:
+        """Wait until :meth:`close` has finished (from another task)."""
+        if self._ws_server is not None:
+            await self._ws_server.wait_closed()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @property
+    def port(self) -> int:
+        """The bound port (the first socket's, if the host resolved to several).
+
+        Raises:
+            RuntimeError: the server is not started.
+        """
+        if self._port is None:
+            raise RuntimeError("the server is not started")
+        return self._port
+
+    @property
+    def url(self) -> str:
+        """``ws://host:port``, the base URL clients dial."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"ws://{host}:{self.port}"
+
+    @property
+    def clients(self) -> tuple[Client, ...]:
+        """The connected ``/ws/client`` peers, in no particular order."""
+        return tuple(client for group in self._clients.values() for client in group)
+
+    # ---- server push --------------------------------------------------------------------
+
+    async def send_to(self, client_id: str, message: Mapping[str, Any]) -> int:
+        """Send ``message`` to every connection of ``client_id``; returns how many got it.
+
+        A ``timestamp`` is added if the message has none.
+
+        Raises:
+            ValueError, TypeError: the message cannot be encoded (see :meth:`Client.send`).
+        """
+        text = encode_server_message(message, self._wall_clock())
+        return await self._send_all(tuple(self._clients.get(client_id, ())), text)
+
+    async def broadcast(self, message: Mapping[str, Any]) -> int:
+        """Send ``message`` to every connected ``/ws/client`` peer; returns how many got it.
+
+        Sends run concurrently, each bounded by the connection timeout, so one slow reader
+        does not hold up the others.
+
+        Raises:
+            ValueError, TypeError: the message cannot be encoded (see :meth:`Client.send`).
+        """
+        text = encode_server_message(message, self._wall_clock())
+        return await self._send_all(self.clients, text)
+
+    async def _send_all(self, clients: Iterable[Client], text: str) -> int:
+        targets = list(clients)
+        if len(targets) == 1:
+            return int(await self._send(targets[0]._ws, text))
+        async with asyncio.TaskGroup() as group:
+            sends = [group.create_task(self._send(client._ws, text)) for client in targets]
+        return sum(task.result() for task in sends)
+
+    # ---- I/O primitives -----------------------------------------------------------------
+
+    async def _send(self, ws: ServerConnection, text: str) -> bool:
+        try:
+            async with asyncio.timeout(self.config.connection_timeout):
+                await ws.send(text)
+        except ConnectionClosed:
+            return False
+        except TimeoutError:
+            logger.warning("%s stopped reading; aborting its connection", _peer(ws))
+            ws.transport.abort()
+            return False
+        return True
+
+    async def _close_ws(self, ws: ServerConnection, close: Close) -> None:
+        await ws.close(close.code, close.reason)
+
+    async def _perform(self, client: Client, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, SendText):
+                await self._send(client._ws, action.text)
+            elif isinstance(action, Close):
+                await self._close_ws(client._ws, action)
+            else:
+                await self._deliver(client, action)
+
+    async def _deliver(self, client: Client, action: Deliver) -> None:
+        handler = self._handlers.get(action.type, self._default_handler)
+        try:
+            await handler(action.message, client)
+        except Exception:
+            logger.exception("handler for %r failed (client %s)", action.type, client.client_id)
+
+    async def _run_hooks(self, hooks: list[ConnectHook], client: Client, what: str) -> None:
+        for hook in hooks:
+            try:
+                await hook(client)
+            except Exception:
+                logger.exception("%s hook %r failed (client %s)", what, hook, client.client_id)
+
+    # ---- connections --------------------------------------------------------------------
+
+    def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
+        if match_route(request.path) is None:
+            return ws.respond(http.HTTPStatus.NOT_FOUND, "Not Found\n")
+        return None
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        assert ws.request is not None  # the handshake succeeded
+        route = match_route(ws.request.path)
+        if isinstance(route, ClientRoute):
+            await self._serve_client(ws, route)
+        elif isinstance(route, LegacyRoute):
+            await self._serve_legacy(ws, route)
+
+    async def _serve_client(self, ws: ServerConnection, route: ClientRoute) -> None:
+        loop = asyncio.get_running_loop()
+        session = ServerSession(self.config)
+        client = Client(self, ws, session)
+        try:
+            actions = session.open(
+                route.query,
+                now=loop.time(),
+                wall=self._wall_clock(),
+                request_id=self._request_id_factory(),
+            )
+            if session.state is SessionState.OPEN:
+                # A failed hello send is a handshake error too (PROTOCOL Server 2).
+                hello = actions[0]
+                assert isinstance(hello, SendText)
+                await ws.send(hello.text)
+        except ConnectionClosed:
+            return
+        except Exception:
+            logger.exception("handshake with %s failed", _peer(ws))
+            actions = session.fail_handshake()
+        if session.state is not SessionState.OPEN:
+            for action in actions:
+                if isinstance(action, Close):
+                    logger.info("refused %s: %d %s", _peer(ws), action.code, action.reason)
+                    await self._close_ws(ws, action)
+            return
+
+        self._clients.setdefault(session.client_id, set()).add(client)
+        logger.info(
+            "client %s connected from %s (role %s)", client.client_id, _peer(ws), client.role
+        )
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._read_loop(client))
+                group.create_task(self._heartbeat_loop(client))
+        finally:
+            session.connection_lost()
+            peers = self._clients.get(session.client_id)
+            if peers is not None:
+                peers.discard(client)
+                if not peers:
+                    del self._clients[session.client_id]
+            logger.info(
+                "client %s disconnected: %s %s",
+                client.client_id,
+                ws.close_code,
+                ws.close_reason or "",
+            )
+            await self._run_hooks(self._disconnect_hooks, client, "on_disconnect")
+
+    async def _read_loop(self, client: Client) -> None:
+        await self._run_hooks(self._connect_hooks, client, "on_connect")
+        loop = asyncio.get_running_loop()
+        session = client._session
+        try:
+            async for data in client._ws:
+                if isinstance(data, str):
+                    actions = session.receive_text(data, now=loop.time(), wall=self._wall_clock())
+                else:
+                    actions = session.receive_bytes(data, now=loop.time(), wall=self._wall_clock())
+                await self._perform(client, actions)
+        except ConnectionClosed:
+            pass
+        finally:
+            session.connection_lost()
+
+    async def _heartbeat_loop(self, client: Client) -> None:
+        loop = asyncio.get_running_loop()
+        session, ws = client._session, client._ws
+        while (deadline := session.next_deadline()) is not None:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await ws.wait_closed()
+                return
+            except TimeoutError:
+                pass
+            actions = session.handle_timer(now=loop.time(), wall=self._wall_clock())
+            await self._perform(client, actions)
+
+    async def _serve_legacy(self, ws: ServerConnection, route: LegacyRoute) -> None:
+        # Protocol keepalive for this endpoint only: see the module docstring.
+        ws.ping_interval = self.config.heartbeat_interval
+        ws.ping_timeout = self.config.connection_timeout
+        ws.start_keepalive()
+        logger.info("legacy client %s connected from %s", route.client_id, _peer(ws))
+        try:
+            async for data in ws:
+                if isinstance(data, str):
+                    await self._send(ws, legacy_echo(data).text)
+                else:
+                    await self._close_ws(ws, UNSUPPORTED_LEGACY_DATA)
+        except ConnectionClosed:
+            pass
+        logger.info(
+            "legacy client %s disconnected: %s %s",
+            route.client_id,
+            ws.close_code,
+            ws.close_reason or "",
+        )
