@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import sys
@@ -38,6 +39,33 @@ def _cmd_diagrams(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    # Imported here so that `diagrams` never pays for (or depends on) the server stack.
+    from steadysocket.model.server_session import ConfigError, ServerConfig
+    from steadysocket.runtime import server
+
+    # One INFO line per connection opened and closed, even at the default WARNING level.
+    server_logger = logging.getLogger(server.__name__)
+    if not server_logger.isEnabledFor(logging.INFO):
+        server_logger.setLevel(logging.INFO)
+    try:
+        config = ServerConfig.from_env(
+            os.environ,
+            heartbeat_interval_ms=args.heartbeat_interval_ms,
+            connection_timeout_ms=args.connection_timeout_ms,
+            max_message_bytes=args.max_message_bytes,
+        )
+    except ConfigError as exc:
+        sys.stderr.write(f"steadysocket: {exc}\n")
+        return 2
+    try:
+        asyncio.run(server.serve_until_signalled(args.host, args.port, config))
+    except OSError as exc:
+        sys.stderr.write(f"steadysocket: cannot serve on {args.host}:{args.port}: {exc.strerror}\n")
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, exposed for tests and ``--help``."""
     parser = argparse.ArgumentParser(
@@ -61,6 +89,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--root", default=".", help="project root to write under (default: .)")
     p.set_defaults(func=_cmd_diagrams)
+
+    p = sub.add_parser(
+        "serve",
+        help="run the /ws/client and legacy echo server until SIGTERM or SIGINT",
+        description="Serve /ws/client and the legacy /ws/{client_id} echo. Settings not given "
+        "come from WS_HEARTBEAT_INTERVAL_MS and WS_CONNECTION_TIMEOUT_MS, then the defaults.",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port, 0 for any (default: 8000)")
+    p.add_argument("--heartbeat-interval-ms", type=int, metavar="MS", help="default 25000")
+    p.add_argument("--connection-timeout-ms", type=int, metavar="MS", help="default 30000")
+    p.add_argument("--max-message-bytes", type=int, metavar="N", help="default 1048576")
+    p.set_defaults(func=_cmd_serve)
     return parser
 
 

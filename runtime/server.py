@@ -33,6 +33,7 @@ import asyncio
 import http
 import logging
 import os
+import signal
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import UTC, datetime
@@ -69,6 +70,7 @@ __all__ = [
     "MessageHandler",
     "SteadyServer",
     "echo_handler",
+    "serve_until_signalled",
 ]
 
 logger = logging.getLogger(__name__)
@@ -102,6 +104,13 @@ def _peer(ws: ServerConnection) -> str:
     if isinstance(address, tuple) and len(address) >= 2:
         return f"{address[0]}:{address[1]}"
     return str(address)
+
+
+def _describe_close(ws: ServerConnection) -> str:
+    code, reason = ws.close_code, ws.close_reason
+    if code is None or code == CloseCode.ABNORMAL:
+        return "1006 (no close frame)"
+    return f"{code} {reason}" if reason else str(code)
 
 
 def _tracking_connection_class(live: set[ServerConnection]) -> type[ServerConnection]:
@@ -526,12 +535,7 @@ class SteadyServer:
                 peers.discard(client)
                 if not peers:
                     del self._clients[session.client_id]
-            logger.info(
-                "client %s disconnected: %s %s",
-                client.client_id,
-                ws.close_code,
-                ws.close_reason or "",
-            )
+            logger.info("client %s disconnected: %s", client.client_id, _describe_close(ws))
             await self._run_hooks(self._disconnect_hooks, client, "on_disconnect")
 
     async def _read_loop(self, client: Client) -> None:
@@ -577,9 +581,39 @@ class SteadyServer:
                     await self._close_ws(ws, UNSUPPORTED_LEGACY_DATA)
         except ConnectionClosed:
             pass
-        logger.info(
-            "legacy client %s disconnected: %s %s",
-            route.client_id,
-            ws.close_code,
-            ws.close_reason or "",
-        )
+        logger.info("legacy client %s disconnected: %s", route.client_id, _describe_close(ws))
+
+
+async def serve_until_signalled(
+    host: str,
+    port: int,
+    config: ServerConfig,
+    *,
+    signals: Iterable[signal.Signals] = (signal.SIGTERM, signal.SIGINT),
+) -> None:
+    """Serve until one of ``signals`` arrives, then shut down gracefully (1001 to every client).
+
+    The handlers are installed before the socket is bound, so a signal sent as soon as the
+    server says it is listening is never lost.
+
+    Raises:
+        OSError: the address cannot be bound.
+    """
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    received: list[signal.Signals] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        received.append(sig)
+        stop.set()
+
+    installed = list(signals)
+    for sig in installed:
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        async with SteadyServer(host, port, config=config):
+            await stop.wait()
+            logger.info("%s received, shutting down", received[0].name)
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
