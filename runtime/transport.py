@@ -120,11 +120,21 @@ def failure_from_exception(exc: BaseException) -> Failure:
     return ErrorFailure(ErrorKind.OTHER, f"{type(exc).__name__}: {exc}")
 
 
+CLOSE_TIMEOUT_S = 2.0
+"""How long a closing handshake may take before the TCP connection is dropped."""
+
+
 async def open_websocket(url: str, *, max_size: int | None = 1 << 20) -> Transport:
     """Open a real WebSocket connection to ``url``; raises ``OpenFailed``."""
     try:
         connection = await connect(
-            url, proxy=None, open_timeout=None, ping_interval=None, max_size=max_size
+            url,
+            proxy=None,
+            open_timeout=None,
+            ping_interval=None,
+            # A dead peer never answers the close frame; drop TCP instead of lingering.
+            close_timeout=CLOSE_TIMEOUT_S,
+            max_size=max_size,
         )
     except InvalidURI as exc:
         raise ValueError(f"invalid WebSocket URL {url!r}: {exc}") from exc
