@@ -81,9 +81,9 @@ def render(
     counts = ", ".join(f"{k}={v}" for k, v in sorted(stats.message_counts_by_type.items()))
     lines.append(_clip(f"  by type  {counts or '-'}"))
     features = ", ".join(state.connection_features) or "-"
-    lines += ["", _clip(f"server features  {features}")]
+    lines += ["", "server features", _clip(f"  {features}")]
     if state.last_hello_message is not None:
-        lines.append(f"heartbeat        {state.last_hello_message.heartbeat_interval_ms} ms")
+        lines.append(f"  heartbeat every {state.last_hello_message.heartbeat_interval_ms} ms")
     lines += ["", "recent attempts"]
     if state.current_attempt is not None:
         lines.append("  " + _attempt_line(state.current_attempt, now))

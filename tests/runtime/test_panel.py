@@ -62,7 +62,7 @@ def test_the_panel_shows_phase_stats_attempts_features_and_messages() -> None:
     assert "heartbeats received 2   sent 2" in text
     assert "by type  echo=3, ping=2" in text
     assert "heartbeat, structured_messages, error_codes, graceful_reconnect" in text
-    assert "heartbeat        25000 ms" in text
+    assert "heartbeat every 25000 ms" in text
     assert "network (retryable)" in text
     assert "retry in 2.0s" in text
     assert "connection refused" in text
@@ -93,7 +93,7 @@ def test_a_fresh_client_renders_placeholders_not_errors() -> None:
     state = WSState(phase=Phase.IDLE, client_id="c", url="ws://h/ws/client?client_id=c")
     text = render(state, now=NOW, notice="connecting…")
     assert "phase      IDLE" in text
-    assert "server features  -" in text
+    assert "server features\n  -\n" in text
     assert text.rstrip().endswith("connecting…")
 
 
