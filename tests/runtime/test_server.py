@@ -1,0 +1,889 @@
+"""SteadyServer against real websockets clients over 127.0.0.1: one test per PROTOCOL.md rule.
+
+Each test starts its own server on port 0 with an empty environment. Every wait is bounded by
+a multiple of ``MS``; no test asserts how long something took.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+from urllib.parse import urlencode
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.frames import Close
+
+from steadysocket.model.protocol import FEATURES, decode_text, parse_timestamp
+from steadysocket.model.server_session import ConfigError, ServerConfig
+from steadysocket.runtime.server import Client, SteadyServer
+
+MS = 0.001
+TIMEOUT = 5000 * MS
+T = TypeVar("T")
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run one async test body with an overall bound."""
+
+    async def bounded() -> T:
+        async with asyncio.timeout(4 * TIMEOUT):
+            return await coro
+
+    return asyncio.run(bounded())
+
+
+@asynccontextmanager
+async def running(**kwargs: Any) -> AsyncIterator[SteadyServer]:
+    kwargs.setdefault("environ", {})
+    async with SteadyServer(port=0, **kwargs) as server:
+        yield server
+
+
+def dial(server: SteadyServer, query: str = "client_id=c1", path: str = "/ws/client") -> Any:
+    target = f"{server.url}{path}" + (f"?{query}" if query else "")
+    return connect(target, proxy=None, open_timeout=TIMEOUT)
+
+
+async def recv_json(ws: ClientConnection) -> dict[str, Any]:
+    async with asyncio.timeout(TIMEOUT):
+        message = await ws.recv()
+    assert isinstance(message, str)
+    data: dict[str, Any] = json.loads(message)
+    return data
+
+
+async def recv_type(ws: ClientConnection, kind: str) -> dict[str, Any]:
+    """The next message of type ``kind``, skipping server pings."""
+    while True:
+        message = await recv_json(ws)
+        if message["type"] == kind:
+            return message
+        assert message["type"] == "ping", message
+
+
+async def close_frame(ws: ClientConnection) -> Close:
+    """Read until the server closes; return the close frame the client received."""
+    rcvd: Close | None = None
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            while True:
+                await ws.recv()
+    except ConnectionClosed as exc:
+        rcvd = exc.rcvd
+    assert rcvd is not None, "no close frame arrived"
+    return rcvd
+
+
+async def refused_with(server: SteadyServer, query: str) -> tuple[int, str]:
+    async with dial(server, query) as ws:
+        frame = await close_frame(ws)
+    return frame.code, frame.reason
+
+
+async def hello_of(ws: ClientConnection) -> dict[str, Any]:
+    hello = await recv_json(ws)
+    assert hello["type"] == "hello"
+    return hello
+
+
+async def still_works(ws: ClientConnection) -> bool:
+    await ws.send('{"type":"ping"}')
+    pong = await recv_type(ws, "pong")
+    return bool(pong["client_id"])
+
+
+# ---- PROTOCOL Server 1 and 2: close codes after the upgrade, checked in order --------------
+
+
+@pytest.mark.parametrize(
+    ("query", "reason"),
+    [
+        ("client_id=c1&version=2", "Unsupported version '2'"),
+        ("client_id=c1&version=abc", "Unsupported version 'abc'"),
+        ("client_id=c1&version=1.0", "Unsupported version '1.0'"),
+    ],
+)
+def test_a_bad_version_is_closed_with_4400_and_its_reason(query: str, reason: str) -> None:
+    async def body() -> tuple[int, str]:
+        async with running() as server:
+            return await refused_with(server, query)
+
+    assert run(body()) == (4400, reason)
+
+
+@pytest.mark.parametrize(
+    ("query", "reason"),
+    [
+        ("client_id=c1&role=Admin", "Invalid role 'Admin'"),
+        ("client_id=c1&role=root", "Invalid role 'root'"),
+        ("client_id=c1&role=", "Invalid role ''"),
+    ],
+)
+def test_a_bad_role_is_closed_with_4401_and_its_reason(query: str, reason: str) -> None:
+    async def body() -> tuple[int, str]:
+        async with running() as server:
+            return await refused_with(server, query)
+
+    assert run(body()) == (4401, reason)
+
+
+@pytest.mark.parametrize(
+    "query", ["", "role=test", "client_id=", "client_id=has%20space", "client_id=" + "a" * 129]
+)
+def test_a_missing_or_malformed_client_id_is_closed_with_1008_invalid_client_id(
+    query: str,
+) -> None:
+    async def body() -> tuple[int, str]:
+        async with running() as server:
+            return await refused_with(server, query)
+
+    assert run(body()) == (1008, "Invalid client_id")
+
+
+def test_version_is_checked_before_role_and_role_before_client_id() -> None:
+    async def body() -> list[tuple[int, str]]:
+        async with running() as server:
+            return [
+                await refused_with(server, "version=7&role=nope"),
+                await refused_with(server, "role=nope"),
+            ]
+
+    assert run(body()) == [(4400, "Unsupported version '7'"), (4401, "Invalid role 'nope'")]
+
+
+def test_an_error_while_preparing_the_hello_closes_with_4500_server_handshake_error() -> None:
+    def broken_ids() -> str:
+        raise RuntimeError("no entropy today")
+
+    async def body() -> tuple[int, str]:
+        async with running(request_id_factory=broken_ids) as server:
+            return await refused_with(server, "client_id=c1")
+
+    assert run(body()) == (4500, "Server handshake error")
+
+
+# ---- PROTOCOL Server 3: the hello ---------------------------------------------------------------
+
+
+def test_the_hello_has_exactly_the_seeds_seven_fields() -> None:
+    client_id = str(uuid.uuid4())
+
+    async def body() -> dict[str, Any]:
+        async with (
+            running(heartbeat_interval_ms=1234) as server,
+            dial(server, f"client_id={client_id}&version=1&role=admin") as ws,
+        ):
+            return await hello_of(ws)
+
+    hello = run(body())
+    assert set(hello) == {
+        "type",
+        "server_time",
+        "accepted_version",
+        "features",
+        "request_id",
+        "client_id",
+        "heartbeat_interval_ms",
+    }
+    assert hello["server_time"].endswith("Z")
+    assert parse_timestamp(hello["server_time"]).tzinfo is not None
+    assert hello["accepted_version"] == 1
+    assert hello["features"] == list(FEATURES)
+    assert uuid.UUID(hello["request_id"]).version == 4
+    assert hello["client_id"] == client_id
+    assert hello["heartbeat_interval_ms"] == 1234
+
+
+def test_the_hello_announces_the_heartbeat_interval_from_the_environment() -> None:
+    async def body() -> int:
+        async with (
+            running(environ={"WS_HEARTBEAT_INTERVAL_MS": "4321"}) as server,
+            dial(server) as ws,
+        ):
+            return int((await hello_of(ws))["heartbeat_interval_ms"])
+
+    assert run(body()) == 4321
+
+
+# ---- PROTOCOL Server 4: heartbeat and the dead-client rule -----------------------------------
+
+
+def test_the_server_pings_every_interval_counting_from_zero() -> None:
+    async def body() -> list[dict[str, Any]]:
+        async with (
+            running(heartbeat_interval_ms=50, connection_timeout_ms=5000) as server,
+            dial(server, "client_id=beat") as ws,
+        ):
+            await hello_of(ws)
+            pings = []
+            for _ in range(4):
+                pings.append(await recv_json(ws))
+                await ws.send('{"type":"pong"}')
+            return pings
+
+    pings = run(body())
+    assert [p["type"] for p in pings] == ["ping"] * 4
+    assert [p["heartbeat_count"] for p in pings] == [0, 1, 2, 3]
+    assert {p["client_id"] for p in pings} == {"beat"}
+    assert all(set(p) == {"type", "timestamp", "heartbeat_count", "client_id"} for p in pings)
+    stamps = [parse_timestamp(p["timestamp"]) for p in pings]
+    assert stamps == sorted(stamps)
+
+
+def test_status_counts_the_pings_sent_and_names_the_last_one() -> None:
+    async def body() -> tuple[dict[str, Any], dict[str, Any]]:
+        async with (
+            running(heartbeat_interval_ms=50, connection_timeout_ms=5000) as server,
+            dial(server) as ws,
+        ):
+            await hello_of(ws)
+            first = await recv_json(ws)
+            second = await recv_json(ws)
+            assert (first["type"], second["type"]) == ("ping", "ping")
+            await ws.send('{"type":"status"}')
+            return second, await recv_type(ws, "status")
+
+    last_ping, status = run(body())
+    assert set(status) == {
+        "type",
+        "connection_uptime_seconds",
+        "heartbeat_count",
+        "last_heartbeat",
+        "client_id",
+        "timestamp",
+    }
+    assert status["heartbeat_count"] >= 2
+    assert status["client_id"] == "c1"
+    assert status["connection_uptime_seconds"] >= 0
+    if status["heartbeat_count"] == 2:
+        assert status["last_heartbeat"] == last_ping["timestamp"]
+
+
+def test_a_client_silent_after_a_ping_is_closed_with_1011_heartbeat_timeout() -> None:
+    async def body() -> tuple[int, str, int]:
+        async with (
+            running(heartbeat_interval_ms=50, connection_timeout_ms=150) as server,
+            dial(server) as ws,
+        ):
+            await hello_of(ws)
+            pings = 0
+            rcvd: Close | None = None
+            try:
+                async with asyncio.timeout(TIMEOUT):
+                    while True:  # read, never send
+                        pings += json.loads(await ws.recv())["type"] == "ping"
+            except ConnectionClosed as exc:
+                rcvd = exc.rcvd
+            assert rcvd is not None
+            return rcvd.code, rcvd.reason, pings
+
+    code, reason, pings = run(body())
+    assert (code, reason) == (1011, "heartbeat timeout")
+    assert pings >= 1
+
+
+def test_a_client_that_answers_pings_is_never_closed_for_silence() -> None:
+    async def body() -> bool:
+        async with (
+            running(heartbeat_interval_ms=20, connection_timeout_ms=100) as server,
+            dial(server) as ws,
+        ):
+            await hello_of(ws)
+            for expected in range(10):
+                ping = await recv_json(ws)
+                assert ping["heartbeat_count"] == expected
+                await ws.send('{"type":"pong"}')
+            return await still_works(ws)
+
+    assert run(body())
+
+
+# ---- PROTOCOL Server 5: every message type ------------------------------------------------------
+
+
+def test_ping_is_answered_with_a_pong() -> None:
+    async def body() -> dict[str, Any]:
+        async with running() as server, dial(server, "client_id=pinger") as ws:
+            await hello_of(ws)
+            await ws.send('{"type":"ping","timestamp":"2025-08-15T10:00:00Z"}')
+            return await recv_json(ws)
+
+    pong = run(body())
+    assert set(pong) == {"type", "timestamp", "client_id"}
+    assert (pong["type"], pong["client_id"]) == ("pong", "pinger")
+    assert pong["timestamp"].endswith("Z")
+
+
+def test_pong_gets_no_reply() -> None:
+    async def body() -> dict[str, Any]:
+        async with running() as server, dial(server) as ws:
+            await hello_of(ws)
+            await ws.send('{"type":"pong"}')
+            await ws.send('{"type":"ping"}')
+            return await recv_json(ws)
+
+    assert run(body())["type"] == "pong"
+
+
+def test_invalid_json_gets_an_invalid_json_error_and_the_connection_stays_open() -> None:
+    async def body() -> tuple[dict[str, Any], bool]:
+        async with running() as server, dial(server) as ws:
+            await hello_of(ws)
+            await ws.send("{not json")
+            return await recv_json(ws), await still_works(ws)
+
+    error, works = run(body())
+    assert set(error) == {"type", "error_code", "message", "timestamp"}
+    assert (error["type"], error["error_code"]) == ("error", "INVALID_JSON")
+    assert works
+
+
+@pytest.mark.parametrize("text", ["[1,2,3]", "42", '"text"', "null"])
+def test_json_that_is_not_an_object_gets_invalid_message_and_the_connection_stays_open(
+    text: str,
+) -> None:
+    async def body() -> tuple[dict[str, Any], bool]:
+        async with running() as server, dial(server) as ws:
+            await hello_of(ws)
+            await ws.send(text)
+            return await recv_json(ws), await still_works(ws)
+
+    error, works = run(body())
+    assert (error["type"], error["error_code"]) == ("error", "INVALID_MESSAGE")
+    assert works
+
+
+@pytest.mark.parametrize("text", ["{}", '{"kind":"chat"}', '{"type":5}', '{"type":null}'])
+def test_an_object_without_a_string_type_gets_invalid_message_and_the_connection_stays_open(
+    text: str,
+) -> None:
+    async def body() -> tuple[dict[str, Any], bool]:
+        async with running() as server, dial(server) as ws:
+            await hello_of(ws)
+            await ws.send(text)
+            return await recv_json(ws), await still_works(ws)
+
+    error, works = run(body())
+    assert (error["type"], error["error_code"]) == ("error", "INVALID_MESSAGE")
+    assert works
+
+
+def test_a_binary_frame_gets_unsupported_data_and_the_connection_stays_open() -> None:
+    async def body() -> tuple[dict[str, Any], bool]:
+        async with running() as server, dial(server) as ws:
+            await hello_of(ws)
+            await ws.send(b'{"type":"ping"}')
+            return await recv_json(ws), await still_works(ws)
+
+    error, works = run(body())
+    assert (error["type"], error["error_code"]) == ("error", "UNSUPPORTED_DATA")
+    assert works
+
+
+def test_a_frame_over_the_size_limit_closes_with_1009() -> None:
+    async def body() -> tuple[int, bool]:
+        async with running(max_message_bytes=1024) as server:
+            async with dial(server) as ws:
+                await hello_of(ws)
+                await ws.send(json.dumps({"type": "chat", "pad": "x" * 2000}))
+                frame = await close_frame(ws)
+            # The server itself is unaffected.
+            async with dial(server) as other:
+                await hello_of(other)
+                return frame.code, await still_works(other)
+
+    assert run(body()) == (1009, True)
+
+
+def test_a_frame_at_the_size_limit_is_accepted() -> None:
+    message = json.dumps({"type": "chat", "pad": ""})
+    message = json.dumps({"type": "chat", "pad": "x" * (1024 - len(message))})
+    assert len(message.encode()) == 1024
+
+    async def body() -> dict[str, Any]:
+        async with running(max_message_bytes=1024) as server, dial(server) as ws:
+            await hello_of(ws)
+            await ws.send(message)
+            return await recv_json(ws)
+
+    assert run(body())["type"] == "echo"
+
+
+def test_the_default_handler_echoes_an_application_message() -> None:
+    async def body() -> dict[str, Any]:
+        async with running() as server, dial(server, "client_id=echoer") as ws:
+            await hello_of(ws)
+            await ws.send('{"type":"test_message","payload":{"test":"data"}}')
+            return await recv_json(ws)
+
+    echo = run(body())
+    assert set(echo) == {"type", "original_message", "timestamp", "client_id"}
+    assert echo["type"] == "echo"
+    assert echo["original_message"] == {"type": "test_message", "payload": {"test": "data"}}
+    assert echo["client_id"] == "echoer"
+
+
+# ---- application hooks and server push ---------------------------------------------------------
+
+
+def test_a_registered_handler_gets_the_message_and_can_reply() -> None:
+    seen: list[tuple[dict[str, Any], str]] = []
+
+    async def body() -> dict[str, Any]:
+        async with running() as server:
+
+            @server.on_message("chat")
+            async def chat(message: dict[str, Any], client: Client) -> None:
+                seen.append((message, client.client_id))
+                await client.send({"type": "chat_ack", "n": message["n"]})
+
+            async with dial(server, "client_id=talker") as ws:
+                await hello_of(ws)
+                await ws.send('{"type":"chat","n":3}')
+                return await recv_json(ws)
+
+    ack = run(body())
+    assert seen == [({"type": "chat", "n": 3}, "talker")]
+    assert ack["type"] == "chat_ack"
+    assert ack["n"] == 3
+    assert ack["timestamp"].endswith("Z")
+
+
+def test_a_handler_that_raises_is_logged_and_the_connection_stays_open(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def body() -> bool:
+        async with running() as server:
+
+            @server.on_message("boom")
+            async def boom(message: dict[str, Any], client: Client) -> None:
+                raise RuntimeError("handler bug")
+
+            async with dial(server) as ws:
+                await hello_of(ws)
+                await ws.send('{"type":"boom"}')
+                return await still_works(ws)
+
+    with caplog.at_level(logging.ERROR, logger="steadysocket.runtime.server"):
+        assert run(body())
+    assert "handler for 'boom' failed" in caplog.text
+    assert "handler bug" in caplog.text
+
+
+def test_system_types_cannot_be_given_a_handler() -> None:
+    server = SteadyServer(port=0, environ={})
+    for kind in ("ping", "pong", "status"):
+        with pytest.raises(ValueError, match=kind):
+            server.on_message(kind)
+
+
+def test_connect_and_disconnect_hooks_run_once_per_connection() -> None:
+    events: list[tuple[str, str, int | None]] = []
+
+    async def body() -> None:
+        gone = asyncio.Event()
+        async with running() as server:
+
+            @server.on_connect
+            async def connected(client: Client) -> None:
+                events.append(("connect", client.client_id, client.close_code))
+                await client.send({"type": "welcome"})
+
+            @server.on_disconnect
+            async def disconnected(client: Client) -> None:
+                events.append(("disconnect", client.client_id, client.close_code))
+                gone.set()
+
+            async with dial(server, "client_id=hooked") as ws:
+                await hello_of(ws)
+                assert (await recv_json(ws))["type"] == "welcome"
+            async with asyncio.timeout(TIMEOUT):
+                await gone.wait()
+
+    run(body())
+    assert events == [("connect", "hooked", None), ("disconnect", "hooked", 1000)]
+
+
+def test_hooks_that_raise_are_logged_and_do_not_break_the_connection(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def body() -> bool:
+        async with running() as server:
+
+            @server.on_connect
+            async def bad_connect(client: Client) -> None:
+                raise RuntimeError("connect hook bug")
+
+            @server.on_disconnect
+            async def bad_disconnect(client: Client) -> None:
+                raise RuntimeError("disconnect hook bug")
+
+            async with dial(server) as ws:
+                await hello_of(ws)
+                works = await still_works(ws)
+            async with dial(server) as ws:
+                await hello_of(ws)
+                return works and await still_works(ws)
+
+    with caplog.at_level(logging.ERROR, logger="steadysocket.runtime.server"):
+        assert run(body())
+    assert "connect hook bug" in caplog.text
+    assert "disconnect hook bug" in caplog.text
+
+
+def test_send_to_reaches_every_connection_of_that_client_id_only() -> None:
+    async def body() -> tuple[int, int, list[dict[str, Any]], bool]:
+        async with (
+            running() as server,
+            dial(server, "client_id=alice") as a1,
+            dial(server, "client_id=alice") as a2,
+            dial(server, "client_id=bob") as bob,
+        ):
+            for ws in (a1, a2, bob):
+                await hello_of(ws)
+            sent = await server.send_to("alice", {"type": "note", "text": "hi"})
+            nobody = await server.send_to("carol", {"type": "note"})
+            got = [await recv_json(a1), await recv_json(a2)]
+            await bob.send('{"type":"ping"}')
+            bob_next_is_pong = (await recv_json(bob))["type"] == "pong"
+            return sent, nobody, got, bob_next_is_pong
+
+    sent, nobody, got, bob_next_is_pong = run(body())
+    assert (sent, nobody) == (2, 0)
+    assert [m["text"] for m in got] == ["hi", "hi"]
+    assert all(m["type"] == "note" and m["timestamp"].endswith("Z") for m in got)
+    assert bob_next_is_pong
+
+
+def test_broadcast_reaches_every_client_but_not_the_legacy_echo() -> None:
+    async def body() -> tuple[int, list[str], str]:
+        async with (
+            running() as server,
+            dial(server, "client_id=a") as a,
+            dial(server, "client_id=b") as b,
+            dial(server, "", path="/ws/legacy") as legacy,
+        ):
+            await hello_of(a)
+            await hello_of(b)
+            count = await server.broadcast({"type": "news", "timestamp": "fixed"})
+            texts = [(await recv_json(ws))["type"] for ws in (a, b)]
+            await legacy.send("after")
+            async with asyncio.timeout(TIMEOUT):
+                legacy_reply = await legacy.recv()
+            assert isinstance(legacy_reply, str)
+            return count, texts, legacy_reply
+
+    assert run(body()) == (2, ["news", "news"], "Echo: after")
+
+
+def test_a_client_that_stops_reading_is_dropped_instead_of_stalling_sends() -> None:
+    chunk = {"type": "bulk", "data": uuid.uuid4().hex * 16384}  # 512 KiB
+
+    async def body() -> tuple[bool, bool]:
+        async with running(
+            compression=None, heartbeat_interval_ms=60_000, connection_timeout_ms=300
+        ) as server:
+            stalled = await connect(
+                f"{server.url}/ws/client?client_id=slow",
+                proxy=None,
+                max_queue=1,
+                compression=None,
+                max_size=None,
+            )
+            try:
+                await hello_of(stalled)
+                sent = True
+                async with asyncio.timeout(TIMEOUT):
+                    while sent:
+                        sent = await server.send_to("slow", chunk) == 1
+                async with dial(server, "client_id=fine") as fine:
+                    await hello_of(fine)
+                    return sent, await still_works(fine)
+            finally:
+                stalled.transport.abort()
+
+    assert run(body()) == (False, True)
+
+
+# ---- PROTOCOL Server 7: legacy echo and 404 ---------------------------------------------------
+
+
+def test_the_legacy_route_echoes_text_without_a_hello() -> None:
+    async def body() -> list[Any]:
+        async with running() as server, dial(server, "", path="/ws/abc-123") as ws:
+            replies = []
+            for text in ("hello", '{"type":"ping"}'):
+                await ws.send(text)
+                async with asyncio.timeout(TIMEOUT):
+                    replies.append(await ws.recv())
+            return replies
+
+    assert run(body()) == ["Echo: hello", 'Echo: {"type":"ping"}']
+
+
+def test_the_legacy_route_closes_with_1003_on_a_binary_frame() -> None:
+    async def body() -> int:
+        async with running() as server, dial(server, "", path="/ws/abc") as ws:
+            await ws.send(b"\x00\x01")
+            return (await close_frame(ws)).code
+
+    assert run(body()) == 1003
+
+
+def test_the_legacy_route_never_shadows_the_client_endpoint() -> None:
+    async def body() -> str:
+        async with running() as server, dial(server, "client_id=c1") as ws:
+            return str((await recv_json(ws))["type"])
+
+    assert run(body()) == "hello"
+
+
+@pytest.mark.parametrize(
+    "path", ["/", "/nope", "/ws", "/ws/", "/ws/a/b", "/ws/client/", "/ws/v2/connect"]
+)
+def test_every_other_path_gets_http_404(path: str) -> None:
+    async def body() -> int:
+        async with running() as server:
+            with pytest.raises(InvalidStatus) as info:
+                async with dial(server, "", path=path):
+                    pass
+            return info.value.response.status_code
+
+    assert run(body()) == 404
+
+
+# ---- capacity, the opening handshake, shutdown ------------------------------------------------
+
+
+def test_two_hundred_clients_are_served_concurrently() -> None:
+    count = 200
+    connected_at_once: list[int] = []
+
+    async def one(server: SteadyServer, all_in: asyncio.Barrier, n: int) -> str:
+        async with dial(server, f"client_id=client-{n}") as ws:
+            await hello_of(ws)
+            if await all_in.wait() == 0:
+                connected_at_once.append(len(server.clients))
+            await ws.send('{"type":"ping"}')
+            return str((await recv_type(ws, "pong"))["client_id"])
+
+    async def body() -> list[str]:
+        all_in = asyncio.Barrier(count)
+        async with running() as server, asyncio.TaskGroup() as group:
+            tasks = [group.create_task(one(server, all_in, n)) for n in range(count)]
+        return [t.result() for t in tasks]
+
+    assert run(body()) == [f"client-{n}" for n in range(count)]
+    assert connected_at_once == [count]
+
+
+def test_a_tcp_connection_that_never_upgrades_is_dropped() -> None:
+    async def body() -> bytes:
+        async with running(connection_timeout_ms=200) as server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            try:
+                async with asyncio.timeout(TIMEOUT):
+                    return await reader.read()
+            except ConnectionResetError:
+                return b""
+            finally:
+                writer.close()
+
+    assert run(body()) == b""
+
+
+def test_shutdown_closes_every_client_with_1001_and_leaves_no_task_behind() -> None:
+    async def body() -> tuple[list[tuple[int, str]], set[asyncio.Task[Any]], bytes]:
+        before = asyncio.all_tasks()
+        server = SteadyServer(port=0, environ={}, heartbeat_interval_ms=50)
+        await server.start()
+        clients = [await dial(server, f"client_id=s{n}") for n in range(3)]
+        for ws in clients:
+            await hello_of(ws)
+        legacy = await dial(server, "", path="/ws/old")
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        await server.close()
+        frames = [await close_frame(ws) for ws in [*clients, legacy]]
+        async with asyncio.timeout(TIMEOUT):
+            raw = await reader.read()
+        writer.close()
+        await server.close()  # idempotent
+        left = asyncio.all_tasks() - before
+        return [(f.code, f.reason) for f in frames], left, raw
+
+    frames, left, raw = run(body())
+    assert frames == [(1001, "Server shutting down")] * 4
+    assert left == set()
+    assert raw == b""
+
+
+def test_closing_a_server_that_never_started_does_nothing() -> None:
+    run(SteadyServer(port=0, environ={}).close())
+
+
+def test_starting_a_server_twice_is_an_error() -> None:
+    async def body() -> None:
+        async with running() as server:
+            with pytest.raises(RuntimeError, match="twice"):
+                await server.start()
+
+    run(body())
+
+
+def test_port_zero_binds_a_free_port_and_reports_it() -> None:
+    async def body() -> tuple[int, str]:
+        async with running() as server:
+            return server.port, server.url
+
+    port, url = run(body())
+    assert port > 0
+    assert url == f"ws://127.0.0.1:{port}"
+
+
+def test_a_port_in_use_fails_start_with_an_os_error() -> None:
+    async def body() -> None:
+        async with running() as first:
+            second = SteadyServer(port=first.port, environ={})
+            with pytest.raises(OSError, match="address already in use"):
+                await second.start()
+            await second.close()
+
+    run(body())
+
+
+# ---- configuration -----------------------------------------------------------------------------
+
+
+def test_explicit_arguments_win_over_the_environment() -> None:
+    env = {"WS_HEARTBEAT_INTERVAL_MS": "111", "WS_CONNECTION_TIMEOUT_MS": "222"}
+    server = SteadyServer(environ=env, heartbeat_interval_ms=333)
+    assert server.config == ServerConfig(heartbeat_interval_ms=333, connection_timeout_ms=222)
+
+
+def test_a_malformed_environment_variable_fails_at_construction() -> None:
+    with pytest.raises(ConfigError, match=r"WS_CONNECTION_TIMEOUT_MS must be .* got '30s'"):
+        SteadyServer(environ={"WS_CONNECTION_TIMEOUT_MS": "30s"})
+
+
+def test_a_config_and_individual_settings_cannot_be_combined() -> None:
+    with pytest.raises(TypeError, match="either config"):
+        SteadyServer(config=ServerConfig(), max_message_bytes=5)
+
+
+# ---- fuzzing against one running server ---------------------------------------------------------
+
+DOCUMENTED_CLOSES = {1008, 1009, 4400, 4401, 4500}
+FUZZ_LIMIT = 512
+
+random_params = st.lists(
+    st.tuples(
+        st.sampled_from(["client_id", "version", "role", "extra"]),
+        st.one_of(
+            st.sampled_from(["1", "2", "abc", "frontend", "admin", "test", "Admin", "c-1", ""]),
+            st.text(max_size=20),
+        ),
+    ),
+    max_size=4,
+)
+# Half the examples get past the checks, so the frames are exercised too.
+query_params = st.one_of(
+    st.builds(
+        lambda cid: [("client_id", cid)],
+        st.from_regex(r"[a-z0-9][a-z0-9._:-]{0,10}", fullmatch=True),
+    ),
+    random_params,
+)
+json_messages = st.builds(
+    lambda kind, extra: json.dumps({"type": kind, **extra}),
+    st.one_of(st.sampled_from(["ping", "pong", "status", "chat", "hello", "error"]), st.text()),
+    st.dictionaries(st.text(max_size=5), st.integers() | st.text(max_size=10), max_size=3),
+)
+frames = st.lists(
+    st.one_of(
+        json_messages,
+        st.text(max_size=60),
+        st.binary(max_size=60),
+        st.just("x" * (FUZZ_LIMIT + 1)),
+    ),
+    max_size=6,
+)
+
+
+def expected_replies(frame: str | bytes) -> int:
+    """How many messages the server answers a frame with (the oversize case is handled apart)."""
+    if isinstance(frame, bytes):
+        return 1
+    try:
+        return 0 if decode_text(frame)["type"] == "pong" else 1
+    except ValueError:
+        return 1
+
+
+async def fuzz_one(server: SteadyServer, params: list[tuple[str, str]], sent: list[Any]) -> str:
+    """Returns how the connection ended: ``"open"`` (still working) or ``"closed <code>"``."""
+    async with dial(server, urlencode(params)) as ws:
+        rcvd: Close | None = None
+        try:
+            assert (await recv_json(ws))["type"] == "hello"
+            for frame in sent:
+                await ws.send(frame)
+                for _ in range(expected_replies(frame)):
+                    reply = await recv_json(ws)
+                    assert reply["type"] in {"error", "pong", "status", "echo"}
+            assert await still_works(ws)
+        except ConnectionClosed as exc:
+            rcvd = exc.rcvd
+        else:
+            return "open"
+    assert rcvd is not None, "closed without a close frame"
+    assert rcvd.code in DOCUMENTED_CLOSES, rcvd
+    return f"closed {rcvd.code}"
+
+
+def test_fuzzed_queries_and_frames_never_crash_the_server(
+    caplog: pytest.LogCaptureFixture, summary: Callable[[str, str], None]
+) -> None:
+    outcomes: list[str] = []
+    with asyncio.Runner() as runner, caplog.at_level(logging.ERROR):
+        server = SteadyServer(port=0, environ={}, max_message_bytes=FUZZ_LIMIT)
+        runner.run(server.start())
+        try:
+
+            @settings(max_examples=50, deadline=None)
+            @given(params=query_params, sent=frames)
+            def probe(params: list[tuple[str, str]], sent: list[str | bytes]) -> None:
+                async def bounded() -> str:
+                    async with asyncio.timeout(TIMEOUT):
+                        return await fuzz_one(server, params, sent)
+
+                outcome = runner.run(bounded())
+                oversize = any(len(f) > FUZZ_LIMIT for f in sent)
+                if outcome == "open":
+                    assert not oversize
+                outcomes.append(outcome)
+
+            probe()
+
+            async def healthy() -> bool:
+                async with dial(server) as ws:
+                    await hello_of(ws)
+                    return await still_works(ws)
+
+            assert runner.run(healthy())
+        finally:
+            runner.run(server.close())
+    assert "open" in outcomes
+    counts = Counter(outcomes)
+    summary("server fuzz", ", ".join(f"{k}: {counts[k]}" for k in sorted(counts)))
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == []
