@@ -241,19 +241,19 @@ def test_the_server_pings_every_interval_counting_from_zero() -> None:
 
 
 def test_status_counts_the_pings_sent_and_names_the_last_one() -> None:
-    async def body() -> tuple[dict[str, Any], dict[str, Any]]:
+    async def body() -> tuple[list[dict[str, Any]], dict[str, Any]]:
         async with (
             running(heartbeat_interval_ms=50, connection_timeout_ms=5000) as server,
             dial(server) as ws,
         ):
             await hello_of(ws)
-            first = await recv_json(ws)
-            second = await recv_json(ws)
-            assert (first["type"], second["type"]) == ("ping", "ping")
+            pings = [await recv_json(ws), await recv_json(ws)]
             await ws.send('{"type":"status"}')
-            return second, await recv_type(ws, "status")
+            while (message := await recv_json(ws))["type"] == "ping":
+                pings.append(message)  # sent before the reply, so counted in it
+            return pings, message
 
-    last_ping, status = run(body())
+    pings, status = run(body())
     assert set(status) == {
         "type",
         "connection_uptime_seconds",
@@ -262,11 +262,11 @@ def test_status_counts_the_pings_sent_and_names_the_last_one() -> None:
         "client_id",
         "timestamp",
     }
-    assert status["heartbeat_count"] >= 2
+    assert status["type"] == "status"
+    assert status["heartbeat_count"] == len(pings)
+    assert status["last_heartbeat"] == pings[-1]["timestamp"]
     assert status["client_id"] == "c1"
-    assert status["connection_uptime_seconds"] >= 0
-    if status["heartbeat_count"] == 2:
-        assert status["last_heartbeat"] == last_ping["timestamp"]
+    assert status["connection_uptime_seconds"] > 0
 
 
 def test_a_client_silent_after_a_ping_is_closed_with_1011_heartbeat_timeout() -> None:

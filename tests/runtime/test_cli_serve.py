@@ -1,0 +1,204 @@
+"""``steadysocket serve`` as a real subprocess: start, serve a client, stop on a signal."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import sys
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import Close
+
+from steadysocket.runtime.cli import build_parser
+
+MS = 0.001
+TIMEOUT = 10_000 * MS
+T = TypeVar("T")
+LISTENING = re.compile(r"listening on ws://127\.0\.0\.1:(\d+)")
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    async def bounded() -> T:
+        async with asyncio.timeout(2 * TIMEOUT):
+            return await coro
+
+    return asyncio.run(bounded())
+
+
+def command() -> list[str]:
+    """The installed console script, or the module when run from a bare checkout."""
+    script = Path(sys.executable).with_name("steadysocket")
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-m", "steadysocket.runtime.cli"]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WS_")}
+    env.update(extra)
+    return env
+
+
+async def start_serve(*args: str) -> tuple[asyncio.subprocess.Process, int, list[str]]:
+    """Start ``steadysocket serve --port 0`` and wait for its listening line."""
+    process = await asyncio.create_subprocess_exec(
+        *command(),
+        "serve",
+        "--port",
+        "0",
+        *args,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        env=clean_env(),
+    )
+    assert process.stderr is not None
+    lines: list[str] = []
+    async with asyncio.timeout(TIMEOUT):
+        while True:
+            line = (await process.stderr.readline()).decode()
+            assert line, f"serve exited early: {lines}"
+            lines.append(line)
+            if match := LISTENING.search(line):
+                return process, int(match.group(1)), lines
+
+
+async def rest_of_stderr(process: asyncio.subprocess.Process) -> list[str]:
+    assert process.stderr is not None
+    async with asyncio.timeout(TIMEOUT):
+        data = await process.stderr.read()
+        await process.wait()
+    return data.decode().splitlines()
+
+
+async def serve_then_signal(sig: signal.Signals) -> tuple[str, Close, int, list[str]]:
+    process, port, lines = await start_serve("--heartbeat-interval-ms", "60000")
+    try:
+        async with connect(f"ws://127.0.0.1:{port}/ws/client?client_id=cli-test", proxy=None) as ws:
+            async with asyncio.timeout(TIMEOUT):
+                hello = await ws.recv()
+            assert isinstance(hello, str)
+            process.send_signal(sig)
+            rcvd: Close | None = None
+            try:
+                async with asyncio.timeout(TIMEOUT):
+                    while True:
+                        await ws.recv()
+            except ConnectionClosed as exc:
+                rcvd = exc.rcvd
+            assert rcvd is not None
+        lines += await rest_of_stderr(process)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode is not None
+    return hello, rcvd, process.returncode, lines
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+def test_serve_accepts_a_client_and_a_signal_closes_it_with_1001_and_exits_zero(
+    sig: signal.Signals,
+) -> None:
+    hello, rcvd, returncode, lines = run(serve_then_signal(sig))
+    assert '"type":"hello"' in hello
+    assert '"heartbeat_interval_ms":60000' in hello
+    assert (rcvd.code, rcvd.reason) == (1001, "Server shutting down")
+    assert returncode == 0
+    text = "".join(f"{line}\n" for line in lines)
+    assert "Traceback" not in text
+
+
+def test_serve_logs_one_info_line_per_connection_opened_and_closed() -> None:
+    async def body() -> list[str]:
+        process, port, lines = await start_serve()
+        try:
+            for query in ("client_id=first", "client_id=second"):
+                async with connect(f"ws://127.0.0.1:{port}/ws/client?{query}", proxy=None) as ws:
+                    async with asyncio.timeout(TIMEOUT):
+                        await ws.recv()
+            process.send_signal(signal.SIGTERM)
+            return lines + await rest_of_stderr(process)
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+
+    lines = run(body())
+    opened = [line for line in lines if " connected from " in line]
+    closed = [line for line in lines if " disconnected: " in line]
+    assert [" INFO " in line for line in opened + closed] == [True] * 4
+    assert ["client first" in opened[0], "client second" in opened[1]] == [True, True]
+    assert ["client first" in closed[0], "client second" in closed[1]] == [True, True]
+    assert all(line.rstrip().endswith("disconnected: 1000") for line in closed)
+
+
+def test_serve_on_a_port_in_use_prints_one_line_and_exits_non_zero() -> None:
+    async def body() -> tuple[int, str]:
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            port = busy.getsockname()[1]
+            process = await asyncio.create_subprocess_exec(
+                *command(),
+                "serve",
+                "--port",
+                str(port),
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+                env=clean_env(),
+            )
+            async with asyncio.timeout(TIMEOUT):
+                _, err = await process.communicate()
+        assert process.returncode is not None
+        return process.returncode, err.decode()
+
+    returncode, err = run(body())
+    assert returncode != 0
+    assert err.count("\n") == 1
+    assert err.startswith("steadysocket: cannot serve on 127.0.0.1:")
+    assert "address already in use" in err
+    assert "Traceback" not in err
+
+
+def test_serve_with_a_malformed_environment_variable_names_it_and_exits_two() -> None:
+    async def body() -> tuple[int, str]:
+        process = await asyncio.create_subprocess_exec(
+            *command(),
+            "serve",
+            "--port",
+            "0",
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            env=clean_env(WS_HEARTBEAT_INTERVAL_MS="fast"),
+        )
+        async with asyncio.timeout(TIMEOUT):
+            _, err = await process.communicate()
+        assert process.returncode is not None
+        return process.returncode, err.decode()
+
+    returncode, err = run(body())
+    assert returncode == 2
+    assert err == (
+        "steadysocket: WS_HEARTBEAT_INTERVAL_MS must be a positive integer of milliseconds "
+        "(1..2147483647), got 'fast'\n"
+    )
+
+
+def test_serve_options_default_to_none_so_the_environment_can_fill_them() -> None:
+    args = build_parser().parse_args(["serve"])
+    assert (args.host, args.port) == ("127.0.0.1", 8000)
+    assert args.heartbeat_interval_ms is None
+    assert args.connection_timeout_ms is None
+    assert args.max_message_bytes is None
+    explicit = build_parser().parse_args(
+        ["serve", "--heartbeat-interval-ms", "5", "--max-message-bytes", "9"]
+    )
+    assert (explicit.heartbeat_interval_ms, explicit.max_message_bytes) == (5, 9)
