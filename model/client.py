@@ -235,12 +235,14 @@ class ClientCore:
         self._count_received(text)
         try:
             data = decode_text(text)
+            # Count every parsed frame by type (PROTOCOL Client 12), the hello as well as a
+            # wrong first message or a hello that fails validation below.
+            self.message_counts[str(data["type"])] += 1
             if data.get("type") != "hello":
                 raise InvalidMessage(f"expected a hello first, got type {data.get('type')!r}")
             hello = Hello.from_dict(data)
         except ProtocolError as exc:
             return self.attempt_failed(generation, ErrorFailure(ErrorKind.INVALID_HELLO, str(exc)))
-        self.message_counts["hello"] += 1
         if hello.accepted_version != self.config.version:
             return self.attempt_failed(
                 generation,
@@ -515,16 +517,13 @@ class ClientCore:
     def _begin_attempt(self, effect: OpenSocket) -> None:
         self.log.info("[WS] Attempting WebSocket connection")
         self._current_started = self.clock.monotonic()
-        # The phase is the source's while the transition runs; probes run in fallback.
-        phase = self._attempt_phase(effect)
+        # Effects are resolved after the transition, so self.phase is the phase the attempt runs
+        # in (fallback for a probe). Deriving it from the attempt number, as before, recorded
+        # "connecting" for the first retry after a stable connection was lost, although the
+        # client was reconnecting (the outage's counter had been reset).
         self._current = ConnectionAttempt(
-            number=max(effect.attempt or 1, 1), phase=phase, started_at=self.clock.now()
+            number=max(effect.attempt or 1, 1), phase=self.phase, started_at=self.clock.now()
         )
-
-    def _attempt_phase(self, effect: OpenSocket) -> Phase:
-        if effect.probe:
-            return Phase.FALLBACK
-        return Phase.CONNECTING if (effect.attempt or 1) <= 1 else Phase.RECONNECTING
 
     def _finish_attempt(
         self,
