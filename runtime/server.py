@@ -1,12 +1,19 @@
-"""The steadysocket server on websockets' asyncio server: a pump around the model's ServerSession.
+"""The steadysocket server: a pump around the model's ServerSession, served by websockets.
 
 Every protocol decision (routes, query checks, hello, ping schedule, dead-client rule, replies)
-is made by :class:`steadysocket.model.server_session.ServerSession`. This module only carries
-out its actions over real sockets, runs the application's hooks, and owns the tasks:
+is made by :class:`steadysocket.model.server_session.ServerSession`. This module carries out its
+actions over a connection, runs the application's hooks, and owns the tasks. It has two layers:
 
-- one websockets handler task per connection (websockets creates it), and inside it an
-  :class:`asyncio.TaskGroup` with a reader and a heartbeat task for ``/ws/client``;
-- no other task is created, so after :meth:`SteadyServer.close` nothing is left running.
+- :class:`Endpoints`: the application-facing half (handlers, hooks, connected clients,
+  ``send_to``/``broadcast``) and the per-connection pump, written against :class:`Link`, a
+  small protocol any WebSocket transport can implement. An ASGI adapter subclasses it too.
+- :class:`SteadyServer`: ``Endpoints`` on websockets' asyncio server, with routing, HTTP 404,
+  the open timeout, the size limit and graceful shutdown.
+
+Tasks: websockets creates one handler task per connection; inside it, an
+:class:`asyncio.TaskGroup` runs a reader and a heartbeat task for ``/ws/client``. Broadcasts run
+their sends in a TaskGroup too. Nothing else is started, so after :meth:`SteadyServer.close`
+nothing is left running.
 
 Endpoints:
 
@@ -23,8 +30,8 @@ so it gets websockets' keepalive (a Ping every heartbeat interval, closed with 1
 within the connection timeout), the only way to notice a dead legacy peer.
 
 Slow readers: every send is bounded by the connection timeout. A client whose send does not
-complete in time has stopped reading; its TCP connection is aborted (a close frame could not
-reach it anyway) and it ends like any lost connection.
+complete in time has stopped reading; its connection is aborted (a close frame could not reach
+it anyway) and it ends like any lost connection.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, Literal, Self, TypeVar
+from typing import Any, Literal, Protocol, Self, TypeVar
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -67,6 +74,8 @@ __all__ = [
     "Client",
     "ConnectHook",
     "DisconnectHook",
+    "Endpoints",
+    "Link",
     "MessageHandler",
     "SteadyServer",
     "echo_handler",
@@ -99,37 +108,110 @@ def _new_request_id() -> str:
     return str(uuid.uuid4())
 
 
-def _peer(ws: ServerConnection) -> str:
-    address = ws.remote_address
-    if isinstance(address, tuple) and len(address) >= 2:
-        return f"{address[0]}:{address[1]}"
-    return str(address)
-
-
-def _describe_close(ws: ServerConnection) -> str:
-    code, reason = ws.close_code, ws.close_reason
+def _describe_close(link: Link) -> str:
+    code, reason = link.close_code, link.close_reason
     if code is None or code == CloseCode.ABNORMAL:
         return "1006 (no close frame)"
     return f"{code} {reason}" if reason else str(code)
 
 
-def _tracking_connection_class(live: set[ServerConnection]) -> type[ServerConnection]:
-    """A ServerConnection that records itself in ``live`` from TCP accept to TCP close.
+# --------------------------------------------------------------------------------------------
+# What the pump needs from a transport
+# --------------------------------------------------------------------------------------------
 
-    websockets only tracks connections that completed the upgrade; a TCP connection that never
-    sends its request would hold :meth:`SteadyServer.close` up for the whole open timeout.
+
+class Link(Protocol):
+    """One accepted WebSocket connection, as :class:`Endpoints` drives it.
+
+    A transport adapter implements this once (websockets here, ASGI elsewhere). None of the
+    methods raises because the connection is closed; they report it instead.
     """
 
-    class _TrackedConnection(ServerConnection):
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            live.add(self)
-            super().connection_made(transport)
+    @property
+    def remote_address(self) -> str:
+        """``host:port`` of the peer, for logs."""
+        ...
 
-        def connection_lost(self, exc: Exception | None) -> None:
-            live.discard(self)
-            super().connection_lost(exc)
+    @property
+    def close_code(self) -> int | None:
+        """The close code once closed (1006 when no close frame was exchanged), else None."""
+        ...
 
-    return _TrackedConnection
+    @property
+    def close_reason(self) -> str | None:
+        """The close reason once closed, else None."""
+        ...
+
+    async def receive(self) -> str | bytes | None:
+        """The next frame (``str`` for text, ``bytes`` for binary), or None once closed."""
+        ...
+
+    async def send(self, text: str) -> bool:
+        """Send a text frame; False if the connection is closed. The caller bounds the time."""
+        ...
+
+    async def close(self, code: int, reason: str) -> None:
+        """Run the closing handshake with ``code`` and ``reason``; idempotent."""
+        ...
+
+    async def wait_closed(self) -> None:
+        """Return once the connection is closed."""
+        ...
+
+    def abort(self) -> None:
+        """Drop the connection at once, without a closing handshake."""
+        ...
+
+
+class _WebSocketsLink:
+    """:class:`Link` over a websockets ``ServerConnection``."""
+
+    __slots__ = ("ws",)
+
+    def __init__(self, ws: ServerConnection) -> None:
+        self.ws = ws
+
+    @property
+    def remote_address(self) -> str:
+        address = self.ws.remote_address
+        if isinstance(address, tuple) and len(address) >= 2:
+            return f"{address[0]}:{address[1]}"
+        return str(address)
+
+    @property
+    def close_code(self) -> int | None:
+        return self.ws.close_code
+
+    @property
+    def close_reason(self) -> str | None:
+        return self.ws.close_reason
+
+    async def receive(self) -> str | bytes | None:
+        try:
+            return await self.ws.recv()
+        except ConnectionClosed:
+            return None
+
+    async def send(self, text: str) -> bool:
+        try:
+            await self.ws.send(text)
+        except ConnectionClosed:
+            return False
+        return True
+
+    async def close(self, code: int, reason: str) -> None:
+        await self.ws.close(code, reason)
+
+    async def wait_closed(self) -> None:
+        await self.ws.wait_closed()
+
+    def abort(self) -> None:
+        self.ws.transport.abort()
+
+
+# --------------------------------------------------------------------------------------------
+# The application's view of a client
+# --------------------------------------------------------------------------------------------
 
 
 class Client:
@@ -139,11 +221,11 @@ class Client:
     :class:`Client`.
     """
 
-    __slots__ = ("_server", "_session", "_ws")
+    __slots__ = ("_endpoints", "_link", "_session")
 
-    def __init__(self, server: SteadyServer, ws: ServerConnection, session: ServerSession):
-        self._server = server
-        self._ws = ws
+    def __init__(self, endpoints: Endpoints, link: Link, session: ServerSession) -> None:
+        self._endpoints = endpoints
+        self._link = link
         self._session = session
 
     @property
@@ -164,17 +246,17 @@ class Client:
     @property
     def remote_address(self) -> str:
         """``host:port`` of the peer."""
-        return _peer(self._ws)
+        return self._link.remote_address
 
     @property
     def close_code(self) -> int | None:
         """The close code once the connection has ended (1006 when no close frame arrived)."""
-        return self._ws.close_code
+        return self._link.close_code
 
     @property
     def close_reason(self) -> str | None:
         """The close reason once the connection has ended."""
-        return self._ws.close_reason
+        return self._link.close_reason
 
     async def send(self, message: Mapping[str, Any]) -> bool:
         """Send an application message; a ``timestamp`` is added if it has none.
@@ -186,13 +268,13 @@ class Client:
             ValueError: the message has no string ``type``, or holds NaN or a cycle.
             TypeError: the message holds something that is not JSON.
         """
-        text = encode_server_message(message, self._server._wall_clock())
-        return await self._server._send(self._ws, text)
+        text = encode_server_message(message, self._endpoints._wall_clock())
+        return await self._endpoints._send(self._link, text)
 
     async def echo(self, message: Mapping[str, Any]) -> bool:
         """Send the default handler's ``echo`` of ``message`` back."""
-        action = self._session.echo(message, wall=self._server._wall_clock())
-        return await self._server._send(self._ws, action.text)
+        action = self._session.echo(message, wall=self._endpoints._wall_clock())
+        return await self._endpoints._send(self._link, action.text)
 
     async def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """Close this connection with ``code`` and ``reason`` (cut to 123 bytes).
@@ -200,7 +282,7 @@ class Client:
         Raises:
             ValueError: a server may not send ``code``.
         """
-        await self._server._perform(self, self._session.close(code, reason))
+        await self._endpoints._perform(self, self._session.close(code, reason))
 
     def __repr__(self) -> str:
         return f"<Client {self.client_id!r} {self.role} {self.remote_address}>"
@@ -211,22 +293,25 @@ async def echo_handler(message: dict[str, Any], client: Client) -> None:
     await client.echo(message)
 
 
-class SteadyServer:
-    """The ``/ws/client`` and legacy endpoints, served by websockets.
+# --------------------------------------------------------------------------------------------
+# Endpoints: hooks, push, and the per-connection pump, for any transport
+# --------------------------------------------------------------------------------------------
 
-    Use it as ``async with SteadyServer(...) as server:``, or ``await server.start()`` and
-    ``await server.close()``.
+
+class Endpoints:
+    """Handlers, hooks, connected clients, server push, and the pump for each connection.
+
+    A transport adapter accepts a connection, wraps it in a :class:`Link`, looks the request
+    target up with :func:`~steadysocket.model.server_session.match_route`, and awaits
+    :meth:`serve_client` or :meth:`serve_legacy` until the connection ends.
 
     Configuration: pass ``config``, or any of ``heartbeat_interval_ms``,
     ``connection_timeout_ms``, ``max_message_bytes``; what is not given comes from
     ``WS_HEARTBEAT_INTERVAL_MS`` / ``WS_CONNECTION_TIMEOUT_MS``, then the defaults.
 
     Args:
-        host: interface to bind; ``127.0.0.1`` by default.
-        port: TCP port; 0 picks a free one, readable from :attr:`port` after :meth:`start`.
-        config: complete settings; not combinable with the three ``*_ms``/``*_bytes`` arguments.
+        config: complete settings; not combinable with the three individual settings.
         environ: where to read the variables (``os.environ`` by default).
-        compression: ``"deflate"`` (permessage-deflate, the default) or ``None``.
         default_handler: handler for types with no :meth:`on_message` registration;
             :func:`echo_handler` by default.
         request_id_factory: makes each hello's ``request_id`` (a UUID4 by default).
@@ -234,19 +319,17 @@ class SteadyServer:
 
     Raises:
         ConfigError: a setting or variable is malformed (a ``ValueError``).
+        TypeError: both ``config`` and individual settings were given.
     """
 
     def __init__(
         self,
-        host: str = "127.0.0.1",
-        port: int = 8000,
         *,
         config: ServerConfig | None = None,
         heartbeat_interval_ms: int | None = None,
         connection_timeout_ms: int | None = None,
         max_message_bytes: int | None = None,
         environ: Mapping[str, str] | None = None,
-        compression: Literal["deflate"] | None = "deflate",
         default_handler: MessageHandler = echo_handler,
         request_id_factory: Callable[[], str] = _new_request_id,
         wall_clock: Callable[[], datetime] = _utc_now,
@@ -262,9 +345,6 @@ class SteadyServer:
         elif any(value is not None for value in explicit):
             raise TypeError("pass either config or individual settings, not both")
         self.config = config
-        self.host = host
-        self._requested_port = port
-        self._compression = compression
         self._default_handler = default_handler
         self._request_id_factory = request_id_factory
         self._wall_clock = wall_clock
@@ -272,10 +352,7 @@ class SteadyServer:
         self._connect_hooks: list[ConnectHook] = []
         self._disconnect_hooks: list[DisconnectHook] = []
         self._clients: dict[str, set[Client]] = {}
-        self._ws_server: Server | None = None
-        self._live: set[ServerConnection] = set()
-        self._port: int | None = None
-        self._closing = False
+        self._legacy: set[Link] = set()
 
     # ---- registration -------------------------------------------------------------------
 
@@ -308,6 +385,262 @@ class SteadyServer:
         """Register a hook run when an accepted ``/ws/client`` connection ends; a decorator."""
         self._disconnect_hooks.append(hook)
         return hook
+
+    # ---- server push --------------------------------------------------------------------
+
+    @property
+    def clients(self) -> tuple[Client, ...]:
+        """The connected ``/ws/client`` peers, in no particular order."""
+        return tuple(client for group in self._clients.values() for client in group)
+
+    async def send_to(self, client_id: str, message: Mapping[str, Any]) -> int:
+        """Send ``message`` to every connection of ``client_id``; returns how many got it.
+
+        A ``timestamp`` is added if the message has none.
+
+        Raises:
+            ValueError, TypeError: the message cannot be encoded (see :meth:`Client.send`).
+        """
+        text = encode_server_message(message, self._wall_clock())
+        return await self._send_all(tuple(self._clients.get(client_id, ())), text)
+
+    async def broadcast(self, message: Mapping[str, Any]) -> int:
+        """Send ``message`` to every connected ``/ws/client`` peer; returns how many got it.
+
+        Sends run concurrently, each bounded by the connection timeout, so one slow reader
+        does not hold up the others.
+
+        Raises:
+            ValueError, TypeError: the message cannot be encoded (see :meth:`Client.send`).
+        """
+        text = encode_server_message(message, self._wall_clock())
+        return await self._send_all(self.clients, text)
+
+    async def close_clients(self) -> None:
+        """Close every connection, legacy ones included, with 1001 ``Server shutting down``.
+
+        For adapters whose transport has no shutdown of its own; :class:`SteadyServer` lets
+        websockets do it, which also covers connections still in their handshake.
+        """
+        async with asyncio.TaskGroup() as group:
+            for client in self.clients:
+                group.create_task(self._perform(client, client._session.shutdown()))
+            for link in tuple(self._legacy):
+                group.create_task(link.close(SHUTDOWN.code, SHUTDOWN.reason))
+
+    async def _send_all(self, clients: Iterable[Client], text: str) -> int:
+        targets = list(clients)
+        if len(targets) == 1:
+            return int(await self._send(targets[0]._link, text))
+        async with asyncio.TaskGroup() as group:
+            sends = [group.create_task(self._send(client._link, text)) for client in targets]
+        return sum(task.result() for task in sends)
+
+    # ---- carrying out actions -------------------------------------------------------------
+
+    async def _send(self, link: Link, text: str) -> bool:
+        try:
+            async with asyncio.timeout(self.config.connection_timeout):
+                return await link.send(text)
+        except TimeoutError:
+            logger.warning("%s stopped reading; aborting its connection", link.remote_address)
+            link.abort()
+            return False
+
+    async def _perform(self, client: Client, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, SendText):
+                await self._send(client._link, action.text)
+            elif isinstance(action, Close):
+                await client._link.close(action.code, action.reason)
+            else:
+                await self._deliver(client, action)
+
+    async def _deliver(self, client: Client, action: Deliver) -> None:
+        handler = self._handlers.get(action.type, self._default_handler)
+        try:
+            await handler(action.message, client)
+        except Exception:
+            logger.exception("handler for %r failed (client %s)", action.type, client.client_id)
+
+    async def _run_hooks(self, hooks: list[ConnectHook], client: Client, what: str) -> None:
+        for hook in hooks:
+            try:
+                await hook(client)
+            except Exception:
+                logger.exception("%s hook %r failed (client %s)", what, hook, client.client_id)
+
+    # ---- the pump -------------------------------------------------------------------------
+
+    async def serve_client(self, link: Link, query: str) -> None:
+        """Run one accepted ``/ws/client`` connection until it ends.
+
+        Sends the hello or the refusal, then runs the reader and the heartbeat in a TaskGroup,
+        with the hooks around them. ``query`` is the raw query string (``ClientRoute.query``).
+        """
+        loop = asyncio.get_running_loop()
+        session = ServerSession(self.config)
+        client = Client(self, link, session)
+        try:
+            actions = session.open(
+                query,
+                now=loop.time(),
+                wall=self._wall_clock(),
+                request_id=self._request_id_factory(),
+            )
+            if session.state is SessionState.OPEN:
+                # A failed hello send is a handshake error too (PROTOCOL Server 2).
+                hello = actions[0]
+                assert isinstance(hello, SendText)
+                async with asyncio.timeout(self.config.connection_timeout):
+                    if not await link.send(hello.text):
+                        return
+        except Exception:
+            logger.exception("handshake with %s failed", link.remote_address)
+            actions = session.fail_handshake()
+        if session.state is not SessionState.OPEN:
+            for action in actions:
+                if isinstance(action, Close):
+                    logger.info(
+                        "refused %s: %d %s", link.remote_address, action.code, action.reason
+                    )
+                    await link.close(action.code, action.reason)
+            return
+
+        self._clients.setdefault(session.client_id, set()).add(client)
+        logger.info(
+            "client %s connected from %s (role %s)",
+            client.client_id,
+            link.remote_address,
+            client.role,
+        )
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._read_loop(client))
+                group.create_task(self._heartbeat_loop(client))
+        finally:
+            session.connection_lost()
+            peers = self._clients.get(session.client_id)
+            if peers is not None:
+                peers.discard(client)
+                if not peers:
+                    del self._clients[session.client_id]
+            logger.info("client %s disconnected: %s", client.client_id, _describe_close(link))
+            await self._run_hooks(self._disconnect_hooks, client, "on_disconnect")
+
+    async def _read_loop(self, client: Client) -> None:
+        await self._run_hooks(self._connect_hooks, client, "on_connect")
+        loop = asyncio.get_running_loop()
+        session, link = client._session, client._link
+        try:
+            while (data := await link.receive()) is not None:
+                if isinstance(data, str):
+                    actions = session.receive_text(data, now=loop.time(), wall=self._wall_clock())
+                else:
+                    actions = session.receive_bytes(data, now=loop.time(), wall=self._wall_clock())
+                await self._perform(client, actions)
+        finally:
+            session.connection_lost()
+
+    async def _heartbeat_loop(self, client: Client) -> None:
+        loop = asyncio.get_running_loop()
+        session, link = client._session, client._link
+        while (deadline := session.next_deadline()) is not None:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await link.wait_closed()
+                return
+            except TimeoutError:
+                pass
+            actions = session.handle_timer(now=loop.time(), wall=self._wall_clock())
+            await self._perform(client, actions)
+
+    async def serve_legacy(self, link: Link, client_id: str) -> None:
+        """Run one accepted legacy ``/ws/{client_id}`` connection until it ends."""
+        self._legacy.add(link)
+        logger.info("legacy client %s connected from %s", client_id, link.remote_address)
+        try:
+            while (data := await link.receive()) is not None:
+                if isinstance(data, str):
+                    await self._send(link, legacy_echo(data).text)
+                else:
+                    await link.close(UNSUPPORTED_LEGACY_DATA.code, UNSUPPORTED_LEGACY_DATA.reason)
+        finally:
+            self._legacy.discard(link)
+        logger.info("legacy client %s disconnected: %s", client_id, _describe_close(link))
+
+
+# --------------------------------------------------------------------------------------------
+# The websockets server
+# --------------------------------------------------------------------------------------------
+
+
+def _tracking_connection_class(live: set[ServerConnection]) -> type[ServerConnection]:
+    """A ServerConnection that records itself in ``live`` from TCP accept to TCP close.
+
+    websockets only tracks connections that completed the upgrade; a TCP connection that never
+    sends its request would hold :meth:`SteadyServer.close` up for the whole open timeout.
+    """
+
+    class _TrackedConnection(ServerConnection):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            live.add(self)
+            super().connection_made(transport)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            live.discard(self)
+            super().connection_lost(exc)
+
+    return _TrackedConnection
+
+
+class SteadyServer(Endpoints):
+    """The ``/ws/client`` and legacy endpoints, served by websockets.
+
+    Use it as ``async with SteadyServer(...) as server:``, or ``await server.start()`` and
+    ``await server.close()``. The other arguments are those of :class:`Endpoints`.
+
+    Args:
+        host: interface to bind; ``127.0.0.1`` by default.
+        port: TCP port; 0 picks a free one, readable from :attr:`port` after :meth:`start`.
+        compression: ``"deflate"`` (permessage-deflate, the default) or ``None``.
+
+    Raises:
+        ConfigError: a setting or variable is malformed (a ``ValueError``).
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        *,
+        compression: Literal["deflate"] | None = "deflate",
+        config: ServerConfig | None = None,
+        heartbeat_interval_ms: int | None = None,
+        connection_timeout_ms: int | None = None,
+        max_message_bytes: int | None = None,
+        environ: Mapping[str, str] | None = None,
+        default_handler: MessageHandler = echo_handler,
+        request_id_factory: Callable[[], str] = _new_request_id,
+        wall_clock: Callable[[], datetime] = _utc_now,
+    ) -> None:
+        super().__init__(
+            config=config,
+            heartbeat_interval_ms=heartbeat_interval_ms,
+            connection_timeout_ms=connection_timeout_ms,
+            max_message_bytes=max_message_bytes,
+            environ=environ,
+            default_handler=default_handler,
+            request_id_factory=request_id_factory,
+            wall_clock=wall_clock,
+        )
+        self.host = host
+        self._requested_port = port
+        self._compression = compression
+        self._ws_server: Server | None = None
+        self._live: set[ServerConnection] = set()
+        self._port: int | None = None
+        self._closing = False
 
     # ---- lifecycle ----------------------------------------------------------------------
 
@@ -356,8 +689,7 @@ class SteadyServer:
                 if connection.protocol.state is State.CONNECTING:
                     connection.transport.abort()
             for client in self.clients:
-                # The session stops its ping schedule; websockets sends the close frame below,
-                # to legacy connections and ones still in their handshake as well.
+                # Stops the ping schedule; websockets sends the close frames just below.
                 client._session.shutdown()
             server.close(code=SHUTDOWN.code, reason=SHUTDOWN.reason)
         await server.wait_closed()
@@ -399,84 +731,6 @@ class SteadyServer:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"ws://{host}:{self.port}"
 
-    @property
-    def clients(self) -> tuple[Client, ...]:
-        """The connected ``/ws/client`` peers, in no particular order."""
-        return tuple(client for group in self._clients.values() for client in group)
-
-    # ---- server push --------------------------------------------------------------------
-
-    async def send_to(self, client_id: str, message: Mapping[str, Any]) -> int:
-        """Send ``message`` to every connection of ``client_id``; returns how many got it.
-
-        A ``timestamp`` is added if the message has none.
-
-        Raises:
-            ValueError, TypeError: the message cannot be encoded (see :meth:`Client.send`).
-        """
-        text = encode_server_message(message, self._wall_clock())
-        return await self._send_all(tuple(self._clients.get(client_id, ())), text)
-
-    async def broadcast(self, message: Mapping[str, Any]) -> int:
-        """Send ``message`` to every connected ``/ws/client`` peer; returns how many got it.
-
-        Sends run concurrently, each bounded by the connection timeout, so one slow reader
-        does not hold up the others.
-
-        Raises:
-            ValueError, TypeError: the message cannot be encoded (see :meth:`Client.send`).
-        """
-        text = encode_server_message(message, self._wall_clock())
-        return await self._send_all(self.clients, text)
-
-    async def _send_all(self, clients: Iterable[Client], text: str) -> int:
-        targets = list(clients)
-        if len(targets) == 1:
-            return int(await self._send(targets[0]._ws, text))
-        async with asyncio.TaskGroup() as group:
-            sends = [group.create_task(self._send(client._ws, text)) for client in targets]
-        return sum(task.result() for task in sends)
-
-    # ---- I/O primitives -----------------------------------------------------------------
-
-    async def _send(self, ws: ServerConnection, text: str) -> bool:
-        try:
-            async with asyncio.timeout(self.config.connection_timeout):
-                await ws.send(text)
-        except ConnectionClosed:
-            return False
-        except TimeoutError:
-            logger.warning("%s stopped reading; aborting its connection", _peer(ws))
-            ws.transport.abort()
-            return False
-        return True
-
-    async def _close_ws(self, ws: ServerConnection, close: Close) -> None:
-        await ws.close(close.code, close.reason)
-
-    async def _perform(self, client: Client, actions: list[Action]) -> None:
-        for action in actions:
-            if isinstance(action, SendText):
-                await self._send(client._ws, action.text)
-            elif isinstance(action, Close):
-                await self._close_ws(client._ws, action)
-            else:
-                await self._deliver(client, action)
-
-    async def _deliver(self, client: Client, action: Deliver) -> None:
-        handler = self._handlers.get(action.type, self._default_handler)
-        try:
-            await handler(action.message, client)
-        except Exception:
-            logger.exception("handler for %r failed (client %s)", action.type, client.client_id)
-
-    async def _run_hooks(self, hooks: list[ConnectHook], client: Client, what: str) -> None:
-        for hook in hooks:
-            try:
-                await hook(client)
-            except Exception:
-                logger.exception("%s hook %r failed (client %s)", what, hook, client.client_id)
-
     # ---- connections --------------------------------------------------------------------
 
     def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
@@ -487,101 +741,15 @@ class SteadyServer:
     async def _handle(self, ws: ServerConnection) -> None:
         assert ws.request is not None  # the handshake succeeded
         route = match_route(ws.request.path)
+        link = _WebSocketsLink(ws)
         if isinstance(route, ClientRoute):
-            await self._serve_client(ws, route)
+            await self.serve_client(link, route.query)
         elif isinstance(route, LegacyRoute):
-            await self._serve_legacy(ws, route)
-
-    async def _serve_client(self, ws: ServerConnection, route: ClientRoute) -> None:
-        loop = asyncio.get_running_loop()
-        session = ServerSession(self.config)
-        client = Client(self, ws, session)
-        try:
-            actions = session.open(
-                route.query,
-                now=loop.time(),
-                wall=self._wall_clock(),
-                request_id=self._request_id_factory(),
-            )
-            if session.state is SessionState.OPEN:
-                # A failed hello send is a handshake error too (PROTOCOL Server 2).
-                hello = actions[0]
-                assert isinstance(hello, SendText)
-                await ws.send(hello.text)
-        except ConnectionClosed:
-            return
-        except Exception:
-            logger.exception("handshake with %s failed", _peer(ws))
-            actions = session.fail_handshake()
-        if session.state is not SessionState.OPEN:
-            for action in actions:
-                if isinstance(action, Close):
-                    logger.info("refused %s: %d %s", _peer(ws), action.code, action.reason)
-                    await self._close_ws(ws, action)
-            return
-
-        self._clients.setdefault(session.client_id, set()).add(client)
-        logger.info(
-            "client %s connected from %s (role %s)", client.client_id, _peer(ws), client.role
-        )
-        try:
-            async with asyncio.TaskGroup() as group:
-                group.create_task(self._read_loop(client))
-                group.create_task(self._heartbeat_loop(client))
-        finally:
-            session.connection_lost()
-            peers = self._clients.get(session.client_id)
-            if peers is not None:
-                peers.discard(client)
-                if not peers:
-                    del self._clients[session.client_id]
-            logger.info("client %s disconnected: %s", client.client_id, _describe_close(ws))
-            await self._run_hooks(self._disconnect_hooks, client, "on_disconnect")
-
-    async def _read_loop(self, client: Client) -> None:
-        await self._run_hooks(self._connect_hooks, client, "on_connect")
-        loop = asyncio.get_running_loop()
-        session = client._session
-        try:
-            async for data in client._ws:
-                if isinstance(data, str):
-                    actions = session.receive_text(data, now=loop.time(), wall=self._wall_clock())
-                else:
-                    actions = session.receive_bytes(data, now=loop.time(), wall=self._wall_clock())
-                await self._perform(client, actions)
-        except ConnectionClosed:
-            pass
-        finally:
-            session.connection_lost()
-
-    async def _heartbeat_loop(self, client: Client) -> None:
-        loop = asyncio.get_running_loop()
-        session, ws = client._session, client._ws
-        while (deadline := session.next_deadline()) is not None:
-            try:
-                async with asyncio.timeout_at(deadline):
-                    await ws.wait_closed()
-                return
-            except TimeoutError:
-                pass
-            actions = session.handle_timer(now=loop.time(), wall=self._wall_clock())
-            await self._perform(client, actions)
-
-    async def _serve_legacy(self, ws: ServerConnection, route: LegacyRoute) -> None:
-        # Protocol keepalive for this endpoint only: see the module docstring.
-        ws.ping_interval = self.config.heartbeat_interval
-        ws.ping_timeout = self.config.connection_timeout
-        ws.start_keepalive()
-        logger.info("legacy client %s connected from %s", route.client_id, _peer(ws))
-        try:
-            async for data in ws:
-                if isinstance(data, str):
-                    await self._send(ws, legacy_echo(data).text)
-                else:
-                    await self._close_ws(ws, UNSUPPORTED_LEGACY_DATA)
-        except ConnectionClosed:
-            pass
-        logger.info("legacy client %s disconnected: %s", route.client_id, _describe_close(ws))
+            # Protocol keepalive for this endpoint only: see the module docstring.
+            ws.ping_interval = self.config.heartbeat_interval
+            ws.ping_timeout = self.config.connection_timeout
+            ws.start_keepalive()
+            await self.serve_legacy(link, route.client_id)
 
 
 async def serve_until_signalled(

@@ -13,6 +13,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 from urllib.parse import urlencode
 
@@ -25,7 +26,7 @@ from websockets.frames import Close
 
 from steadysocket.model.protocol import FEATURES, decode_text, parse_timestamp
 from steadysocket.model.server_session import ConfigError, ServerConfig
-from steadysocket.runtime.server import Client, SteadyServer
+from steadysocket.runtime.server import Client, Endpoints, SteadyServer
 
 MS = 0.001
 TIMEOUT = 5000 * MS
@@ -778,6 +779,92 @@ def test_a_malformed_environment_variable_fails_at_construction() -> None:
 def test_a_config_and_individual_settings_cannot_be_combined() -> None:
     with pytest.raises(TypeError, match="either config"):
         SteadyServer(config=ServerConfig(), max_message_bytes=5)
+
+
+# ---- Endpoints over another transport -------------------------------------------------------
+
+
+class MemoryLink:
+    """A Link with no socket: what an adapter for another transport (ASGI) provides."""
+
+    remote_address = "memory"
+
+    def __init__(self) -> None:
+        self.inbox: asyncio.Queue[str | bytes | None] = asyncio.Queue()
+        self.outbox: asyncio.Queue[str] = asyncio.Queue()
+        self.closed_with: tuple[int, str] | None = None
+        self._closed = asyncio.Event()
+
+    @property
+    def close_code(self) -> int | None:
+        return None if self.closed_with is None else self.closed_with[0]
+
+    @property
+    def close_reason(self) -> str | None:
+        return None if self.closed_with is None else self.closed_with[1]
+
+    async def receive(self) -> str | bytes | None:
+        return None if self._closed.is_set() else await self.inbox.get()
+
+    async def send(self, text: str) -> bool:
+        if self._closed.is_set():
+            return False
+        self.outbox.put_nowait(text)
+        return True
+
+    async def close(self, code: int, reason: str) -> None:
+        if self.closed_with is None:
+            self.closed_with = (code, reason)
+            self._closed.set()
+            self.inbox.put_nowait(None)
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    def abort(self) -> None:
+        self.closed_with = self.closed_with or (1006, "")
+        self._closed.set()
+        self.inbox.put_nowait(None)
+
+
+def test_endpoints_drive_any_link_and_close_clients_sends_1001_to_every_one() -> None:
+    wall = datetime(2025, 8, 15, 10, 0, tzinfo=UTC)
+
+    async def next_out(link: MemoryLink) -> str:
+        async with asyncio.timeout(TIMEOUT):
+            return await link.outbox.get()
+
+    async def body() -> tuple[list[str], tuple[int, str] | None, tuple[int, str] | None]:
+        endpoints = Endpoints(
+            environ={}, request_id_factory=lambda: "req-1", wall_clock=lambda: wall
+        )
+        client, legacy = MemoryLink(), MemoryLink()
+        async with asyncio.TaskGroup() as group:
+            group.create_task(endpoints.serve_client(client, "client_id=m1&role=test"))
+            group.create_task(endpoints.serve_legacy(legacy, "old"))
+            out = [await next_out(client)]
+            for frame in ('{"type":"ping"}', '{"type":"chat"}', b"\x00"):
+                client.inbox.put_nowait(frame)
+                out.append(await next_out(client))
+            legacy.inbox.put_nowait("hi")
+            out.append(await next_out(legacy))
+            await endpoints.close_clients()
+        return out, client.closed_with, legacy.closed_with
+
+    out, client_close, legacy_close = run(body())
+    assert out == [
+        '{"type":"hello","server_time":"2025-08-15T10:00:00.000Z","accepted_version":1,'
+        '"features":["heartbeat","structured_messages","error_codes","graceful_reconnect"],'
+        '"request_id":"req-1","client_id":"m1","heartbeat_interval_ms":25000}',
+        '{"type":"pong","timestamp":"2025-08-15T10:00:00.000Z","client_id":"m1"}',
+        '{"type":"echo","original_message":{"type":"chat"},'
+        '"timestamp":"2025-08-15T10:00:00.000Z","client_id":"m1"}',
+        '{"type":"error","error_code":"UNSUPPORTED_DATA","message":"binary frames are not '
+        'supported; send JSON text frames","timestamp":"2025-08-15T10:00:00.000Z"}',
+        "Echo: hi",
+    ]
+    assert client_close == (1001, "Server shutting down")
+    assert legacy_close == (1001, "Server shutting down")
 
 
 # ---- fuzzing against one running server ---------------------------------------------------------
