@@ -296,11 +296,11 @@ def test_a_client_silent_after_a_ping_is_closed_with_1011_heartbeat_timeout() ->
 def test_a_client_that_answers_pings_is_never_closed_for_silence() -> None:
     async def body() -> bool:
         async with (
-            running(heartbeat_interval_ms=20, connection_timeout_ms=100) as server,
+            running(heartbeat_interval_ms=25, connection_timeout_ms=250) as server,
             dial(server) as ws,
         ):
             await hello_of(ws)
-            for expected in range(10):
+            for expected in range(20):  # 20 intervals span twice the connection timeout
                 ping = await recv_json(ws)
                 assert ping["heartbeat_count"] == expected
                 await ws.send('{"type":"pong"}')
@@ -592,7 +592,7 @@ def test_a_client_that_stops_reading_is_dropped_instead_of_stalling_sends() -> N
 
     async def body() -> tuple[bool, bool]:
         async with running(
-            compression=None, heartbeat_interval_ms=60_000, connection_timeout_ms=300
+            compression=None, heartbeat_interval_ms=60_000, connection_timeout_ms=500
         ) as server:
             stalled = await connect(
                 f"{server.url}/ws/client?client_id=slow",
