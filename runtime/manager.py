@@ -426,7 +426,10 @@ class WebSocketManager:
         await self._sleep(delay_s)
         if self._timers.get(timer) is asyncio.current_task():
             del self._timers[timer]
-        self._apply(self._core.timer_fired(timer, token))
+        phase, before = self.phase, self._core.last_failure
+        effects = self._core.timer_fired(timer, token)
+        self._report_decided(phase, before)
+        self._apply(effects)
 
     # -- the socket ----------------------------------------------------------------------
 
@@ -453,7 +456,10 @@ class WebSocketManager:
             self._report(failure)
             self._apply(self._core.attempt_failed(generation, failure))
             return
-        self._apply(self._core.hello_received(generation, first))
+        phase, before = self.phase, self._core.last_failure
+        effects = self._core.hello_received(generation, first)
+        self._report_decided(phase, before)
+        self._apply(effects)
         if generation != self._core.live_generation:
             return
         try:
@@ -577,6 +583,18 @@ class WebSocketManager:
 
     def _report(self, failure: Failure) -> None:
         self._emit_error(WSError(failure, self.phase))
+
+    def _report_decided(self, phase: Phase, before: Failure | None) -> None:
+        """Report a failure the core decided on while handling an event (an invalid hello, a
+        version mismatch, a connect timeout, a dead peer).
+
+        The socket paths call _report() for what they see on the wire, but these failures
+        only show up as ``last_failure`` changing, and on_error promises every failed attempt
+        and lost connection. Reported before the effects apply, like the socket paths do.
+        """
+        failure = self._core.last_failure
+        if failure is not None and failure is not before:
+            self._emit_error(WSError(failure, phase))
 
     def _emit_error(self, error: Exception) -> None:
         for listener in tuple(self._error_listeners):

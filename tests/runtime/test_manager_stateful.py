@@ -65,7 +65,7 @@ from steadysocket.model.effects import (
 )
 from steadysocket.model.lifecycle import DEAD_AFTER, DEGRADED_AFTER, Lifecycle
 from steadysocket.model.snapshot import Phase
-from steadysocket.runtime.manager import WebSocketManager
+from steadysocket.runtime.manager import WebSocketManager, WSError
 from tests.runtime.fakes import (
     LATE_HELLO_OWNER,
     ConnectionRecord,
@@ -231,6 +231,7 @@ class ClientModel:
         self.delivered: list[int] = []
         self.returned: list[int] = []
         self.app_messages = 0
+        self.errors: list[tuple[str, bool]] = []
 
         self.total_attempts = 0
         self.successful = 0
@@ -396,6 +397,7 @@ class ClientModel:
         if self.live is not attempt:
             return
         self.live = None
+        self.report_error(failure)
         self.fire("attempt_failed", retryable=classify_failure(failure).retryable)
 
     def transport_closed(
@@ -413,6 +415,7 @@ class ClientModel:
             return
         self.live = None
         self.opened_at = None
+        self.report_error(failure)
         if isinstance(failure, CloseFailure) and failure.code == 1000:
             self.fire("closed_by_server")
             return
@@ -424,6 +427,11 @@ class ClientModel:
         self.fire(
             "connection_lost", retryable=classify_failure(failure).retryable, graceful=graceful
         )
+
+    def report_error(self, failure: Failure) -> None:
+        """on_error hears of every failed attempt and lost connection."""
+        classification = classify_failure(failure)
+        self.errors.append((str(classification.kind), classification.retryable))
 
     def client_sends(self, kind: str) -> None:
         conn = self.transport
@@ -537,6 +545,7 @@ class ClientModel:
         match timer:
             case Timer.CONNECT:
                 self.live = None
+                self.report_error(ErrorFailure(ErrorKind.CONNECT_TIMEOUT))
                 self.fire("attempt_failed", retryable=True)
             case Timer.RETRY:
                 self.fire("retry_due")
@@ -562,6 +571,7 @@ class ClientModel:
         if silence_ms >= DEAD_AFTER * interval:
             self.live = None
             self.opened_at = None
+            self.report_error(ErrorFailure(ErrorKind.HEARTBEAT_TIMEOUT))
             self.fire("peer_dead")
         else:
             self.start_timer(Timer.HEARTBEAT, max(DEAD_AFTER * interval - silence_ms, 1.0))
@@ -596,6 +606,7 @@ class ClientModel:
             "returned": list(self.returned),
             "queued": list(self.queue),
             "app messages": self.app_messages,
+            "errors": list(self.errors),
             # In seconds, as the runtime hands them to sleep().
             "retry delays": [delay / 1000.0 for delay in self.retry_delays],
         }
@@ -627,6 +638,7 @@ class ManagerMachine(RuleBasedStateMachine):
         self.accepted: list[int] = []
         self.returned: list[int] = []
         self.seen_phases: list[Phase] = []
+        self.errors: list[WSError] = []
         self.reported = 0
         self.broken = False
 
@@ -684,6 +696,7 @@ class ManagerMachine(RuleBasedStateMachine):
             "returned": list(self.returned),
             "queued": [int(q["id"]) for q in core.queue],
             "app messages": self.app_messages,
+            "errors": [(str(e.kind), e.retryable) for e in self.errors],
             "retry delays": [
                 r.delay for r in self.clock.history if r.owner == "steadysocket-timer-retry"
             ],
@@ -775,6 +788,7 @@ class ManagerMachine(RuleBasedStateMachine):
         self.m.on_state_change(lambda s: self._stamp_phase(s.phase))
         self.m.on_returned(lambda msgs: self.returned.extend(int(m["id"]) for m in msgs))
         self.m.on_message(lambda _: self._count_message())
+        self.m.on_error(self.errors.append)
         self.model = ClientModel(params, self.server.script, self.clock.monotonic())
 
     def _count_message(self) -> None:
@@ -869,8 +883,15 @@ class ManagerMachine(RuleBasedStateMachine):
     @rule()
     def server_goes_half_open(self) -> None:
         """The server stops sending (and answering) but keeps the connection: the half-open
-        case the watchdog exists for. Its own rule, so that it is drawn often enough."""
+        case the watchdog exists for. Time then passes, deadline by deadline, until the client
+        notices (degraded), so that what happens *in* degraded gets drawn often enough."""
         self.server_switches_script("silent")
+        for _ in range(5):
+            due = self.model.next_due()
+            if self.model.phase is not Phase.OPEN or due is None:
+                break
+            note(f"time passes to the next deadline ({due[2]})")
+            self.run(self._advance(due[0]))
 
     # The server's actions on its connection are no-ops without one (rather than
     # preconditions, which make hypothesis retry and clutter the statistics).
@@ -1075,11 +1096,12 @@ def _summarise(label: str, summary: Callable[[str, str], None]) -> None:
 # Run as hypothesis's own TestCases, so that ``--hypothesis-show-statistics`` reports the phases
 # reached and transitions taken (``event()``); the summary test below then prints the union.
 class TestStatefulManagerInMemory(ManagerMachine.TestCase):  # type: ignore[misc,valid-type]
-    """The profile's examples (``ci``: 100, ``fuzz``: 2000), at least 100 steps each: a step
-    costs well under a millisecond here, and the degraded-phase paths need long runs."""
+    """At least 200 examples (``fuzz``: 2000) of at least 100 steps each: a step costs well
+    under a millisecond here, and the paths through degraded need many long runs."""
 
     settings = settings(
         deadline=None,
+        max_examples=max(settings().max_examples, 200),
         stateful_step_count=max(settings().stateful_step_count, 100),
         suppress_health_check=list(HealthCheck),
     )
