@@ -66,6 +66,49 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from steadysocket.runtime.demo import run_demo
+
+    if not args.debug:
+        # The narration tells the story; the library's own warnings would repeat it.
+        logging.getLogger("steadysocket").setLevel(logging.ERROR)
+
+    def narrate(line: str) -> None:
+        print(line, flush=True)
+
+    try:
+        result = asyncio.run(run_demo(narrate))
+    except TimeoutError:
+        sys.stderr.write("steadysocket: the demo stalled: a step did not happen in time\n")
+        return 1
+    seen = sorted({str(p) for p in result.phases})
+    print(f"\nphases seen: {', '.join(seen)}")
+    return 0
+
+
+def _cmd_connect(args: argparse.Namespace) -> int:
+    from steadysocket.runtime.console import ConnectOptions, Unreachable, main_connect
+
+    if not args.debug:
+        # The panel (or the JSON) shows what the log would say, and a log would tear the panel.
+        logging.getLogger("steadysocket").setLevel(logging.ERROR)
+
+    options = ConnectOptions(
+        url=args.url,
+        client_id=args.client_id,
+        role=args.role,
+        version=args.version,
+        json=args.json,
+        stay=args.stay,
+        max_attempts=args.max_attempts,
+    )
+    try:
+        return main_connect(options)
+    except Unreachable as exc:
+        sys.stderr.write(f"steadysocket: {exc}\n")
+        return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, exposed for tests and ``--help``."""
     parser = argparse.ArgumentParser(
@@ -102,6 +145,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--connection-timeout-ms", type=int, metavar="MS", help="default 30000")
     p.add_argument("--max-message-bytes", type=int, metavar="N", help="default 1048576")
     p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser(
+        "demo",
+        help="run a server and a client in one process and narrate the whole lifecycle",
+        description="Start a server and a client on 127.0.0.1 and walk through connect, "
+        "messages, a half-open connection, a server restart, fallback and recovery.",
+    )
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="also show the library's debug log",
+    )
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser(
+        "connect",
+        help="connect to a server and show the live diagnostics panel",
+        description="Connect to URL (default $WS_URL, else ws://localhost:8000) and show the "
+        "diagnostics panel. Keys: c connect, d disconnect, r force reconnect, p ping, q quit.",
+    )
+    p.add_argument("url", nargs="?", default=None, help="base URL, e.g. ws://127.0.0.1:8000")
+    p.add_argument("--client-id", default=None, help="client id (default: a fresh UUID4)")
+    p.add_argument("--role", default="frontend", help="frontend, admin or test")
+    p.add_argument("--version", type=int, default=1, help="protocol version (default: 1)")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON snapshot per state change instead of the panel",
+    )
+    p.add_argument(
+        "--max-attempts",
+        type=int,
+        default=8,
+        metavar="N",
+        help="attempts per outage before fallback (default: 8)",
+    )
+    p.add_argument(
+        "--stay",
+        action="store_true",
+        help="keep running even if the server is unreachable from the start",
+    )
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="debug logging (also WS_DEBUG=1)",
+    )
+    p.set_defaults(func=_cmd_connect)
     return parser
 
 
@@ -116,7 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         result: int = args.func(args)
-    except diagrams.DiagramError as exc:
+    except (diagrams.DiagramError, ValueError) as exc:
+        # Bad input (a malformed URL, a bad setting): one line, no traceback.
         sys.stderr.write(f"steadysocket: {exc}\n")
         return 2
     except KeyboardInterrupt:

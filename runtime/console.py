@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
+from steadysocket.model.backoff import BackoffStrategy
 from steadysocket.model.snapshot import Phase, WSState
 from steadysocket.runtime.manager import WebSocketManager
 from steadysocket.runtime.panel import render
@@ -41,6 +42,7 @@ class ConnectOptions:
     version: int
     json: bool
     stay: bool
+    max_attempts: int = 8
 
 
 async def dispatch_key(manager: WebSocketManager, key: str) -> str | None:
@@ -78,8 +80,14 @@ def _cbreak(stream: TextIO) -> Iterator[None]:
 
 async def run_connect(options: ConnectOptions, out: TextIO, keys: TextIO) -> int:
     """Run the panel (or the JSON stream) until ``q``, SIGINT/SIGTERM or end of input."""
+    # The production delays, with the attempt limit the user chose.
+    backoff = BackoffStrategy(max_attempts=options.max_attempts)
     manager = WebSocketManager(
-        options.url, options.client_id, role=options.role, version=options.version
+        options.url,
+        options.client_id,
+        role=options.role,
+        version=options.version,
+        backoff_strategy=backoff,
     )
     recent: deque[dict[str, Any]] = deque(maxlen=5)
     # One queue wakes the loop: a key (its character), a change ("") or the end (None).
@@ -91,11 +99,18 @@ async def run_connect(options: ConnectOptions, out: TextIO, keys: TextIO) -> int
         nonlocal ever_open
         ever_open = ever_open or state.phase is Phase.OPEN
         if options.json:
-            out.write(state.to_json() + "\n")
-            out.flush()
+            _emit(state.to_json())
         if state.phase is Phase.FALLBACK and not ever_open and not options.stay:
             wakeups.put_nowait(None)
         wakeups.put_nowait("")
+
+    def _emit(line: str) -> None:
+        try:
+            out.write(line + "\n")
+            out.flush()
+        except BrokenPipeError:
+            # The reader went away (e.g. `| head`): stop quietly.
+            wakeups.put_nowait(None)
 
     def on_message(message: dict[str, Any]) -> None:
         recent.appendleft(message)
@@ -111,8 +126,7 @@ async def run_connect(options: ConnectOptions, out: TextIO, keys: TextIO) -> int
         with _cbreak(keys) if stop_reading else contextlib.nullcontext():
             await manager.connect()
             if options.json:
-                out.write(manager.get_state().to_json() + "\n")
-                out.flush()
+                _emit(manager.get_state().to_json())
             running = True
             while running:
                 item: str | None = ""
@@ -170,7 +184,15 @@ def _watch_keys(
             if not char.isspace():
                 on_key(char)
 
-    loop.add_reader(fd, readable)
+    try:
+        loop.add_reader(fd, readable)
+    except OSError:
+        # A regular file (or /dev/null) cannot be polled: it is all readable now.
+        for char in os.read(fd, 4096).decode(errors="replace"):
+            if not char.isspace():
+                on_key(char)
+        on_key(None)
+        return None
 
     def stop() -> None:
         with contextlib.suppress(Exception):
