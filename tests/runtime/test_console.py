@@ -116,7 +116,7 @@ def test_json_mode_prints_one_snapshot_per_state_change_and_stops_on_sigint() ->
                 env=clean_env(),
             )
             assert process.stdout is not None
-            snapshots = []
+            snapshots: list[dict[str, Any]] = []
             async with asyncio.timeout(TIMEOUT):
                 while not snapshots or snapshots[-1]["phase"] != "open":
                     snapshots.append(json.loads(await process.stdout.readline()))
