@@ -505,7 +505,9 @@ class ClientCore:
             if isinstance(effect, StartTimer) and effect.timer is Timer.RETRY:
                 delay = effect.delay_ms or 0.0
                 self.log.info("[WS] retrying in %.0f ms", delay)
-                if self._recent:
+                # A retry after a lost connection follows no failed attempt: the attempt that
+                # opened it keeps its "open" record unannotated.
+                if self._recent and self._recent[0].outcome == AttemptOutcome.FAILED:
                     self._recent[0] = replace(
                         self._recent[0],
                         next_retry_delay_ms=delay,

@@ -33,7 +33,10 @@ class Timer(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class OpenSocket:
-    """Start one connection attempt. ``probe`` attempts are not counted against max_attempts."""
+    """Start one connection attempt: a socket task dials the URL and waits for the hello.
+
+    ``probe`` attempts (from fallback) are not counted against max_attempts.
+    """
 
     probe: bool = False
     attempt: int | None = None
@@ -42,7 +45,8 @@ class OpenSocket:
 
 @dataclass(frozen=True, slots=True)
 class CloseSocket:
-    """Close the current socket, if any, with this code and reason."""
+    """Close the current socket, if any, with this code and reason; its task is cancelled and
+    the closing handshake is bounded, so a dead peer cannot hold it open."""
 
     code: int
     reason: str
@@ -50,7 +54,9 @@ class CloseSocket:
 
 @dataclass(frozen=True, slots=True)
 class StartTimer:
-    """Arm a timer. ``delay_ms`` is None in the declaration and resolved by the model.
+    """Arm a timer: a task sleeps ``delay_ms`` on the injected clock, then reports the firing.
+
+    ``delay_ms`` is None in the declaration and resolved by the model.
 
     ``heartbeats`` declares a heartbeat timer's length in heartbeat intervals, since the
     interval itself is only known from the server's hello.
@@ -65,7 +71,7 @@ class StartTimer:
 
 @dataclass(frozen=True, slots=True)
 class CancelTimer:
-    """Disarm a timer if it is pending."""
+    """Disarm a timer if it is pending (its task is cancelled; a late firing is ignored)."""
 
     timer: Timer
 
@@ -77,12 +83,13 @@ class SendPing:
 
 @dataclass(frozen=True, slots=True)
 class FlushQueue:
-    """Send every queued message, in order, on the new connection."""
+    """Send every queued message, in order, on the new connection (before anything newer)."""
 
 
 @dataclass(frozen=True, slots=True)
 class ReturnQueue:
-    """Hand every queued message back to the application: it can no longer be sent."""
+    """Hand every queued message back to the application (``on_returned`` listeners or
+    ``take_returned()``): it can no longer be sent, and it is never dropped silently."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +107,18 @@ Effect = (
     | ReturnQueue
     | ResetBackoff
 )
+
+EFFECT_TYPES: tuple[type[Effect], ...] = (
+    OpenSocket,
+    CloseSocket,
+    StartTimer,
+    CancelTimer,
+    SendPing,
+    FlushQueue,
+    ReturnQueue,
+    ResetBackoff,
+)
+"""Every effect type, in the order the docs list them."""
 
 
 def describe(effect: Effect) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from steadysocket.model.effects import Effect, describe
+from steadysocket.model.effects import EFFECT_TYPES, CancelTimer, Effect, describe
 from steadysocket.model.lifecycle import Lifecycle, declared_effects
 from steadysocket.model.snapshot import Phase
 
@@ -38,8 +38,20 @@ class Row:
 
     @property
     def effects_text(self) -> str:
-        """The effects as a comma-separated phrase."""
-        return ", ".join(describe(e) for e in self.effects) or "-"
+        """The effects as a comma-separated phrase; a run of cancels reads as one."""
+        parts: list[str] = []
+        cancelled: list[str] = []
+        for effect in (*self.effects, None):
+            if isinstance(effect, CancelTimer):
+                cancelled.append(str(effect.timer))
+                continue
+            if cancelled:
+                plural = "s" if len(cancelled) > 1 else ""
+                parts.append(f"cancel {'/'.join(cancelled)} timer{plural}")
+                cancelled = []
+            if effect is not None:
+                parts.append(describe(effect))
+        return ", ".join(parts) or "-"
 
     @property
     def id(self) -> str:
@@ -114,4 +126,17 @@ def markdown_table(machine: type[Lifecycle] = Lifecycle) -> str:
             f"| {number} | `{row.source}` | `{row.event}` | {guard} | `{row.target}` "
             f"| {row.effects_text} |"
         )
+    out += [
+        "",
+        "## What the runtime does for each effect",
+        "",
+        "`steadysocket.runtime.manager.WebSocketManager` carries out each effect as follows",
+        "(from the effect types' own documentation in `steadysocket.model.effects`):",
+        "",
+        "| effect | the runtime |",
+        "|---|---|",
+    ]
+    for effect_type in EFFECT_TYPES:
+        doc = " ".join((effect_type.__doc__ or "").split())
+        out.append(f"| `{effect_type.__name__}` | {doc} |")
     return "\n".join(out) + "\n"

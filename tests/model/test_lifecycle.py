@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Mapping
+from typing import get_args
 
 import pytest
 from statemachine.exceptions import TransitionNotAllowed
 
 from steadysocket.model.backoff import BackoffStrategy
-from steadysocket.model.effects import OpenSocket, ResetBackoff, StartTimer, Timer
+from steadysocket.model.effects import (
+    EFFECT_TYPES,
+    Effect,
+    OpenSocket,
+    ResetBackoff,
+    StartTimer,
+    Timer,
+)
 from steadysocket.model.graph import Row, rows
 from steadysocket.model.lifecycle import Lifecycle, phases
 from steadysocket.model.snapshot import Phase
@@ -216,3 +224,10 @@ def test_with_probing_disabled_fallback_arms_no_probe_timer() -> None:
     machine.send("attempt_failed", retryable=False)
     assert machine.phase is Phase.FALLBACK
     assert not [e for e in machine.drain() if isinstance(e, StartTimer)]
+
+
+def test_every_effect_type_is_listed_and_documented_for_the_table() -> None:
+    assert set(EFFECT_TYPES) == set(get_args(Effect))
+    for effect_type in EFFECT_TYPES:
+        assert effect_type.__doc__
+        assert len(effect_type.__doc__.split()) >= 5
