@@ -505,9 +505,9 @@ class ClientCore:
             if isinstance(effect, StartTimer) and effect.timer is Timer.RETRY:
                 delay = effect.delay_ms or 0.0
                 self.log.info("[WS] retrying in %.0f ms", delay)
-                # A retry after a lost connection follows no failed attempt: the attempt that
-                # opened it keeps its "open" record unannotated.
-                if self._recent and self._recent[0].outcome == AttemptOutcome.FAILED:
+                # After a lost connection the retry is noted on the attempt that opened it:
+                # the panel's next-retry ETA reads the newest attempt.
+                if self._recent:
                     self._recent[0] = replace(
                         self._recent[0],
                         next_retry_delay_ms=delay,
