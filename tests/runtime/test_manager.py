@@ -213,7 +213,19 @@ def test_message_listeners_get_application_messages_but_not_hello_ping_or_pong()
         (Script.bad_hello(), "handshake", True, Phase.FAILED),
         (Script.wrong_version(2), "handshake", False, Phase.FALLBACK),
     ],
-    ids=lambda value: str(getattr(value, "mode", value)),
+    ids=[
+        "close-4401",
+        "close-4400",
+        "close-1008",
+        "close-4500",
+        "http-403",
+        "http-429",
+        "http-503",
+        "refused",
+        "dropped",
+        "bad-hello",
+        "wrong-version",
+    ],
 )
 def test_on_error_gets_a_wserror_with_kind_and_retryable(
     script: Script, kind: str, retryable: bool, phase: Phase
@@ -364,6 +376,23 @@ def test_queued_messages_are_handed_back_on_entering_fallback() -> None:
         assert [r["n"] for r in returned] == [1]
         assert not m.send({"type": "msg", "n": 2})
         assert len(returned) == 1
+        await m.disconnect()
+
+    run(main)
+
+
+def test_a_message_caught_by_a_dropped_connection_is_handed_back_not_lost() -> None:
+    async def main() -> None:
+        clock, server, m = rig(Script.accept())
+        await m.connect()
+        await clock.run_until_idle()
+        # Accepted while open, but the connection drops before the writer gets to run.
+        assert m.send({"type": "msg", "n": 1})
+        await server.drop()
+        await clock.run_until_idle()
+        assert phase_of(m) is Phase.FAILED
+        assert server.connections[0].received == []
+        assert [r["n"] for r in m.take_returned()] == [1]
         await m.disconnect()
 
     run(main)

@@ -80,7 +80,9 @@ from tests.runtime.fakes import (
 
 HEARTBEAT_MS = 1000
 CONNECT_TIMEOUT_MS = 1500.0
-STABLE_AFTER_MS = 3333.0
+STABLE_AFTER_MS = 1777.0
+"""Shorter than the 1.2 s to degraded, so that a connection silent from the start goes
+degraded before it is stable and degraded --stable--> degraded is reachable."""
 PROBE_MS = 7770.0
 BASE_DELAYS_MS = (500.0, 1000.0, 2000.0)
 CAP_MS = 2000.0
