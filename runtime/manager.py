@@ -232,8 +232,11 @@ class WebSocketManager:
             logger.info("[WS] WEBSOCKET_ENABLED is false: staying idle")
             return
         await self._ensure_supervisor()
-        self._salvage_outgoing()
         self._apply(self._core.force_reconnect())
+        # After the transition, not before: now connecting, so messages accepted while open but
+        # not written yet are queued for the new connection rather than handed back (PROTOCOL
+        # Client 10 hands back only what can no longer be sent: disconnect() or fallback).
+        self._salvage_outgoing()
 
     async def destroy(self) -> None:
         """Disconnect and drop every listener; the manager cannot be used again."""
@@ -475,8 +478,11 @@ class WebSocketManager:
             self._spawn(
                 self._close_transport(transport, 1000, "Connection lost"), "steadysocket-close"
             )
-            self._salvage_outgoing()
             self._apply(self._core.closed(generation, closed.failure))
+            # After the transition: when the client retries (failed, reconnecting) the unsent
+            # messages join the queue for the next connection; after a close 1000 (idle) they
+            # are handed back; entering fallback already handed them back (ReturnQueue).
+            self._salvage_outgoing()
 
     def _forget(self, transport: Transport) -> None:
         if self._transport is transport:

@@ -381,7 +381,7 @@ def test_queued_messages_are_handed_back_on_entering_fallback() -> None:
     run(main)
 
 
-def test_a_message_caught_by_a_dropped_connection_is_handed_back_not_lost() -> None:
+def test_a_message_caught_by_a_dropped_connection_goes_out_on_the_next_one() -> None:
     async def main() -> None:
         clock, server, m = rig(Script.accept())
         await m.connect()
@@ -392,8 +392,41 @@ def test_a_message_caught_by_a_dropped_connection_is_handed_back_not_lost() -> N
         await clock.run_until_idle()
         assert phase_of(m) is Phase.FAILED
         assert server.connections[0].received == []
-        assert [r["n"] for r in m.take_returned()] == [1]
+        assert m.take_returned() == []
+        await clock.advance(1.0)
+        assert phase_of(m) is Phase.OPEN
+        assert [r["n"] for r in server.connections[1].received_json()] == [1]
         await m.disconnect()
+
+    run(main)
+
+
+def test_a_message_sent_just_before_force_reconnect_goes_out_on_the_new_connection() -> None:
+    async def main() -> None:
+        clock, server, m = rig(Script.accept())
+        await m.connect()
+        await clock.run_until_idle()
+        assert m.send({"type": "msg", "n": 1})
+        await m.force_reconnect()
+        await clock.run_until_idle()
+        assert [r["n"] for r in server.connections[1].received_json()] == [1]
+        assert server.connections[0].received == []
+        assert m.take_returned() == []
+        await m.disconnect()
+
+    run(main)
+
+
+def test_a_message_caught_by_a_close_1000_is_handed_back() -> None:
+    async def main() -> None:
+        clock, server, m = rig(Script.accept())
+        await m.connect()
+        await clock.run_until_idle()
+        assert m.send({"type": "msg", "n": 1})
+        await server.close(1000, "bye")
+        await clock.run_until_idle()
+        assert phase_of(m) is Phase.IDLE
+        assert [r["n"] for r in m.take_returned()] == [1]
 
     run(main)
 
