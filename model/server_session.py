@@ -34,7 +34,7 @@ Exceptions::
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
@@ -65,12 +65,16 @@ __all__ = [
     "DEFAULT_CONNECTION_TIMEOUT_MS",
     "DEFAULT_HEARTBEAT_INTERVAL_MS",
     "DEFAULT_MAX_MESSAGE_BYTES",
+    "DEFAULT_RATE_LIMIT_WINDOW_MS",
     "ENV_CONNECTION_TIMEOUT_MS",
     "ENV_HEARTBEAT_INTERVAL_MS",
     "HANDSHAKE_ERROR",
     "HEARTBEAT_TIMEOUT",
     "MAX_INTERVAL_MS",
     "MESSAGE_TOO_BIG",
+    "ORIGIN_FORBIDDEN",
+    "RATE_LIMITED",
+    "SERVER_FULL",
     "SHUTDOWN",
     "UNSUPPORTED_LEGACY_DATA",
     "Action",
@@ -78,15 +82,20 @@ __all__ = [
     "Close",
     "ConfigError",
     "Deliver",
+    "HttpRefusal",
     "LegacyRoute",
     "SendText",
     "ServerConfig",
     "ServerSession",
     "SessionState",
+    "TokenBucket",
+    "admit",
     "encode_server_message",
     "is_sendable_close_code",
     "legacy_echo",
     "match_route",
+    "normalize_origins",
+    "origin_allowed",
 ]
 
 
@@ -148,6 +157,14 @@ SHUTDOWN: Final = Close(CloseCode.GOING_AWAY, "Server shutting down")
 UNSUPPORTED_LEGACY_DATA: Final = Close(1003, "Text frames only")
 """The legacy echo's answer to a binary frame: 1003 (unsupported data) is RFC 6455's code."""
 
+RATE_LIMITED: Final = Close(4429, "Rate limit exceeded")
+"""A client sent frames faster than ``rate_limit_messages`` per ``rate_limit_window_ms``.
+
+4429 mirrors HTTP 429 in the private range. Not 1008: a steadysocket client treats 1008 as a
+rejected query and stops for good, while a client that was merely too fast may come back after
+its backoff. ``classify`` files it under ``unknown``, retryable, so the client waits one backoff
+step before it reconnects (never an immediate retry)."""
+
 
 # --------------------------------------------------------------------------------------------
 # Configuration
@@ -158,6 +175,7 @@ ENV_CONNECTION_TIMEOUT_MS: Final = "WS_CONNECTION_TIMEOUT_MS"
 DEFAULT_HEARTBEAT_INTERVAL_MS: Final = 25_000
 DEFAULT_CONNECTION_TIMEOUT_MS: Final = 30_000
 DEFAULT_MAX_MESSAGE_BYTES: Final = 1 << 20
+DEFAULT_RATE_LIMIT_WINDOW_MS: Final = 1000
 
 MAX_INTERVAL_MS: Final = 2**31 - 1
 """Largest accepted interval or timeout: a browser's ``setTimeout`` overflows above it, and a
@@ -208,19 +226,47 @@ class ServerConfig:
         connection_timeout_ms: how long a client may stay silent after a ping before it is closed
             with 1011; it also bounds the opening handshake and every send.
         max_message_bytes: largest frame accepted from a client; a larger one closes with 1009.
+        allowed_origins: the ``Origin`` values a browser may connect from (``scheme://host[:port]``,
+            compared case-insensitively); an upgrade from any other origin gets HTTP 403. A
+            request without ``Origin`` (not a browser) is allowed. ``None``: any origin.
+        max_connections: how many WebSocket connections may be open at once; an upgrade beyond
+            that gets HTTP 503. ``None``: no cap.
+        rate_limit_messages: how many frames a connection may send per ``rate_limit_window_ms``
+            (a token bucket: bursts up to this many, refilled evenly over the window); a faster
+            client is closed with 4429 ``Rate limit exceeded``. ``None``: no limit.
+        rate_limit_window_ms: the window of the rate limit (1000 ms by default).
 
     Raises:
-        ConfigError: a value is not a positive integer (intervals at most :data:`MAX_INTERVAL_MS`).
+        ConfigError: a value is not a positive integer (intervals at most :data:`MAX_INTERVAL_MS`),
+            or ``allowed_origins`` is not a collection of strings.
     """
 
     heartbeat_interval_ms: int = DEFAULT_HEARTBEAT_INTERVAL_MS
     connection_timeout_ms: int = DEFAULT_CONNECTION_TIMEOUT_MS
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    allowed_origins: frozenset[str] | None = None
+    max_connections: int | None = None
+    rate_limit_messages: int | None = None
+    rate_limit_window_ms: int = DEFAULT_RATE_LIMIT_WINDOW_MS
 
     def __post_init__(self) -> None:
         _check_positive("heartbeat_interval_ms", self.heartbeat_interval_ms, MAX_INTERVAL_MS)
         _check_positive("connection_timeout_ms", self.connection_timeout_ms, MAX_INTERVAL_MS)
         _check_positive("max_message_bytes", self.max_message_bytes, None)
+        if self.max_connections is not None:
+            _check_positive("max_connections", self.max_connections, None)
+        if self.rate_limit_messages is not None:
+            _check_positive("rate_limit_messages", self.rate_limit_messages, None)
+        _check_positive("rate_limit_window_ms", self.rate_limit_window_ms, MAX_INTERVAL_MS)
+        if self.allowed_origins is not None:
+            if isinstance(self.allowed_origins, str) or not all(
+                isinstance(o, str) for o in self.allowed_origins
+            ):
+                raise ConfigError(
+                    "allowed_origins", self.allowed_origins, "a collection of origin strings"
+                )
+            # Stored normalised, so a comparison is one set lookup.
+            object.__setattr__(self, "allowed_origins", normalize_origins(self.allowed_origins))
 
     @classmethod
     def from_env(
@@ -230,11 +276,16 @@ class ServerConfig:
         heartbeat_interval_ms: int | None = None,
         connection_timeout_ms: int | None = None,
         max_message_bytes: int | None = None,
+        allowed_origins: Iterable[str] | None = None,
+        max_connections: int | None = None,
+        rate_limit_messages: int | None = None,
+        rate_limit_window_ms: int | None = None,
     ) -> ServerConfig:
         """Build a config: an explicit argument wins, then the environment, then the default.
 
         ``None`` means "not given". ``environ`` is passed in (normally ``os.environ``) so the
-        model reads nothing itself. An empty variable counts as unset.
+        model reads nothing itself. An empty variable counts as unset. The security settings
+        (origins, connection cap, rate limit) have no variables; they are off unless given.
 
         Raises:
             ConfigError: a variable or argument is malformed; the message names it and the value.
@@ -243,6 +294,8 @@ class ServerConfig:
             heartbeat_interval_ms = _from_environ(environ, ENV_HEARTBEAT_INTERVAL_MS)
         if connection_timeout_ms is None:
             connection_timeout_ms = _from_environ(environ, ENV_CONNECTION_TIMEOUT_MS)
+        if isinstance(allowed_origins, str):
+            raise ConfigError("allowed_origins", allowed_origins, "a collection of origin strings")
         return cls(
             heartbeat_interval_ms=(
                 DEFAULT_HEARTBEAT_INTERVAL_MS
@@ -257,7 +310,26 @@ class ServerConfig:
             max_message_bytes=(
                 DEFAULT_MAX_MESSAGE_BYTES if max_message_bytes is None else max_message_bytes
             ),
+            allowed_origins=None if allowed_origins is None else frozenset(allowed_origins),
+            max_connections=max_connections,
+            rate_limit_messages=rate_limit_messages,
+            rate_limit_window_ms=(
+                DEFAULT_RATE_LIMIT_WINDOW_MS
+                if rate_limit_window_ms is None
+                else rate_limit_window_ms
+            ),
         )
+
+    @property
+    def rate_limit_window(self) -> float:
+        """The rate limit's window in seconds."""
+        return self.rate_limit_window_ms / 1000
+
+    def new_bucket(self, now: float) -> TokenBucket | None:
+        """A full rate-limit bucket for a new connection, or ``None`` when there is no limit."""
+        if self.rate_limit_messages is None:
+            return None
+        return TokenBucket(self.rate_limit_messages, self.rate_limit_window, now)
 
     @property
     def heartbeat_interval(self) -> float:
@@ -268,6 +340,93 @@ class ServerConfig:
     def connection_timeout(self) -> float:
         """The connection timeout in seconds."""
         return self.connection_timeout_ms / 1000
+
+
+# --------------------------------------------------------------------------------------------
+# Admission: origins, and the per-connection rate limit
+# --------------------------------------------------------------------------------------------
+
+
+def normalize_origins(origins: Iterable[str]) -> frozenset[str]:
+    """Origins as compared: stripped and lower-cased (scheme and host are case-insensitive)."""
+    return frozenset(origin.strip().lower() for origin in origins)
+
+
+def origin_allowed(values: Sequence[str], allowed: frozenset[str] | None) -> bool:
+    """Whether an upgrade carrying these ``Origin`` header values may proceed.
+
+    ``allowed`` is :attr:`ServerConfig.allowed_origins` (normalised); ``None`` allows all.
+    Otherwise: no ``Origin`` at all is allowed (only browsers send it, and a cross-site page
+    cannot suppress it); exactly one value must be in ``allowed`` (``null``, sent by sandboxed
+    frames and ``file:`` pages, only if listed); several ``Origin`` headers are refused.
+    """
+    if allowed is None or not values:
+        return True
+    if len(values) != 1:
+        return False
+    return values[0].strip().lower() in allowed
+
+
+@dataclass(frozen=True, slots=True)
+class HttpRefusal:
+    """Answer the upgrade request with this HTTP ``status`` and plain-text ``body``."""
+
+    status: int
+    body: str
+
+
+ORIGIN_FORBIDDEN: Final = HttpRefusal(403, "Origin not allowed\n")
+"""The request's ``Origin`` is not in :attr:`ServerConfig.allowed_origins`."""
+
+SERVER_FULL: Final = HttpRefusal(503, "Too many connections\n")
+""":attr:`ServerConfig.max_connections` connections are already open."""
+
+
+def admit(
+    config: ServerConfig, origins: Sequence[str], open_connections: int
+) -> HttpRefusal | None:
+    """Whether an upgrade request may proceed: ``None``, or the HTTP answer refusing it.
+
+    ``origins`` are the request's ``Origin`` header values; ``open_connections`` how many
+    WebSocket connections the server has open besides this one. These checks run before the
+    upgrade, unlike the query checks: a browser must not open a socket from a foreign origin at
+    all, and a full server must not spend a connection saying so. The origin is checked first,
+    since its answer never changes on retry (403); a full server answers 503, which a client
+    retries after its backoff.
+    """
+    if not origin_allowed(origins, config.allowed_origins):
+        return ORIGIN_FORBIDDEN
+    cap = config.max_connections
+    if cap is not None and open_connections >= cap:
+        return SERVER_FULL
+    return None
+
+
+class TokenBucket:
+    """A token bucket: ``capacity`` tokens, refilled at ``capacity`` per ``window`` seconds.
+
+    Pure: time comes in as ``now`` (monotonic seconds). :meth:`take` spends one token and says
+    whether there was one, so a client may burst ``capacity`` frames and then keep to the rate.
+    """
+
+    __slots__ = ("_rate", "_updated", "capacity", "tokens")
+
+    def __init__(self, capacity: int, window: float, now: float) -> None:
+        self.capacity = float(capacity)
+        self._rate = capacity / window
+        self.tokens = float(capacity)
+        self._updated = now
+
+    def take(self, now: float) -> bool:
+        """Spend one token at ``now``; False when the bucket is empty (the frame is too many)."""
+        elapsed = now - self._updated
+        if elapsed > 0:
+            self.tokens = min(self.capacity, self.tokens + elapsed * self._rate)
+            self._updated = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
 
 
 # --------------------------------------------------------------------------------------------
@@ -373,6 +532,7 @@ class ServerSession:
     """
 
     __slots__ = (
+        "_bucket",
         "_config",
         "_dead_at",
         "_interval",
@@ -407,6 +567,7 @@ class ServerSession:
         self._next_ping_at = 0.0
         self._dead_at: float | None = None
         self._last_heartbeat: str | None = None
+        self._bucket: TokenBucket | None = None
 
     # ---- opening ---------------------------------------------------------------------------
 
@@ -447,6 +608,7 @@ class ServerSession:
         self.request_id = request_id
         self._opened_at = now
         self._next_ping_at = now + self._interval
+        self._bucket = self._config.new_bucket(now)
         return [SendText(hello.serialize())]
 
     def fail_handshake(self) -> list[Action]:
@@ -466,6 +628,7 @@ class ServerSession:
         - not JSON → error ``INVALID_JSON``; not an object, or no non-empty string ``type`` →
           error ``INVALID_MESSAGE``; the connection stays open;
         - over ``max_message_bytes`` → close 1009;
+        - over the rate limit (any frame counts, malformed or not) → close 4429;
         - any other ``type`` → :class:`Deliver`.
 
         Any frame, even a malformed one, counts as a sign of life for the dead-client rule.
@@ -476,6 +639,9 @@ class ServerSession:
         if _utf8_length_exceeds(text, self._config.max_message_bytes):
             self.state = SessionState.CLOSED
             return [MESSAGE_TOO_BIG]
+        if self._bucket is not None and not self._bucket.take(now):
+            self.state = SessionState.CLOSED
+            return [RATE_LIMITED]
         try:
             message = decode_text(text)
         except ProtocolError as exc:
@@ -490,13 +656,17 @@ class ServerSession:
         return [Deliver(message)]
 
     def receive_bytes(self, data: bytes, *, now: float, wall: datetime) -> list[Action]:
-        """A binary frame arrived: error ``UNSUPPORTED_DATA`` (1009 if oversize); stays open."""
+        """A binary frame arrived: error ``UNSUPPORTED_DATA``; stays open (1009 if oversize,
+        4429 over the rate limit)."""
         if self.state is not SessionState.OPEN:
             return []
         self._dead_at = None
         if len(data) > self._config.max_message_bytes:
             self.state = SessionState.CLOSED
             return [MESSAGE_TOO_BIG]
+        if self._bucket is not None and not self._bucket.take(now):
+            self.state = SessionState.CLOSED
+            return [RATE_LIMITED]
         error = make_error(wall, ErrorCode.UNSUPPORTED_DATA, _BINARY_TEXT)
         return [SendText(error.serialize())]
 

@@ -15,6 +15,9 @@ Scopes:
   Any other path is answered with HTTP 404 through the ``websocket.http.response`` extension when
   the server advertises it (uvicorn, Starlette's TestClient); otherwise it is closed before the
   accept, which servers turn into HTTP 403.
+- admission (``allowed_origins``, ``max_connections``): a forbidden ``Origin`` gets HTTP 403 and
+  a full app HTTP 503 through ``websocket.http.response``; a server without that extension can
+  only turn the refusal into HTTP 403. The rate limit is the shared session's (close 4429).
 - ``http``: HTTP 404 ``Not Found``, whatever the path.
 - ``lifespan``: startup completes at once and starts nothing; shutdown runs :meth:`close`, which
   closes every connection with 1001 ``Server shutting down``.
@@ -41,7 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from datetime import datetime
 from typing import Any, Final
 from urllib.parse import quote
@@ -79,10 +82,6 @@ Send = Callable[[Message], Awaitable[None]]
 
 _MAX_CLOSE_TIMEOUT: Final = 10.0
 _NOT_FOUND_BODY: Final = b"Not Found\n"
-_NOT_FOUND_HEADERS: Final = [
-    (b"content-type", b"text/plain; charset=utf-8"),
-    (b"content-length", str(len(_NOT_FOUND_BODY)).encode("ascii")),
-]
 _HTTP_RESPONSE_EXTENSION: Final = "websocket.http.response"
 _NO_STATUS: Final = 1005
 
@@ -98,6 +97,23 @@ def _route_target(scope: Scope) -> str:
     query = bytes(scope.get("query_string", b"")).decode("latin-1")
     target = quote(path, safe="/")
     return f"{target}?{query}" if query else target
+
+
+def _origins(scope: Scope) -> list[str]:
+    """The request's ``Origin`` header values (ASGI header names are lower-case bytes)."""
+    return [
+        value.decode("latin-1") for name, value in scope.get("headers", ()) if name == b"origin"
+    ]
+
+
+async def _respond(send: Send, prefix: str, status: int, body: bytes) -> None:
+    """A plain-text HTTP response through ``http.response`` or ``websocket.http.response``."""
+    headers = [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", str(len(body)).encode("ascii")),
+    ]
+    await send({"type": f"{prefix}.response.start", "status": status, "headers": headers})
+    await send({"type": f"{prefix}.response.body", "body": body})
 
 
 def _describe_peer(scope: Scope) -> str:
@@ -279,6 +295,10 @@ class SteadyASGI(Endpoints):
         heartbeat_interval_ms: int | None = None,
         connection_timeout_ms: int | None = None,
         max_message_bytes: int | None = None,
+        allowed_origins: Iterable[str] | None = None,
+        max_connections: int | None = None,
+        rate_limit_messages: int | None = None,
+        rate_limit_window_ms: int | None = None,
         environ: Mapping[str, str] | None = None,
         default_handler: MessageHandler = echo_handler,
         request_id_factory: Callable[[], str] = _new_request_id,
@@ -289,6 +309,10 @@ class SteadyASGI(Endpoints):
             heartbeat_interval_ms=heartbeat_interval_ms,
             connection_timeout_ms=connection_timeout_ms,
             max_message_bytes=max_message_bytes,
+            allowed_origins=allowed_origins,
+            max_connections=max_connections,
+            rate_limit_messages=rate_limit_messages,
+            rate_limit_window_ms=rate_limit_window_ms,
             environ=environ,
             default_handler=default_handler,
             request_id_factory=request_id_factory,
@@ -365,14 +389,7 @@ class SteadyASGI(Endpoints):
                 return
 
     async def _not_found(self, send: Send, prefix: str) -> None:
-        await send(
-            {
-                "type": f"{prefix}.response.start",
-                "status": 404,
-                "headers": list(_NOT_FOUND_HEADERS),
-            }
-        )
-        await send({"type": f"{prefix}.response.body", "body": _NOT_FOUND_BODY})
+        await _respond(send, prefix, 404, _NOT_FOUND_BODY)
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (await receive())["type"] != "websocket.connect":
@@ -390,6 +407,20 @@ class SteadyASGI(Endpoints):
                         "reason": "Not Found",
                     }
                 )
+            return
+        refusal = self.admission(_origins(scope), len(self._links))
+        if refusal is not None:
+            logger.info(
+                "refused %s: HTTP %d %s",
+                _describe_peer(scope),
+                refusal.status,
+                refusal.body.strip(),
+            )
+            if _HTTP_RESPONSE_EXTENSION in (scope.get("extensions") or {}):
+                await _respond(send, "websocket.http", refusal.status, refusal.body.encode())
+            else:
+                # Without the extension the server can only turn this into HTTP 403.
+                await send({"type": "websocket.close", "code": int(CloseCode.POLICY_VIOLATION)})
             return
         try:
             await send({"type": "websocket.accept"})

@@ -54,12 +54,29 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             heartbeat_interval_ms=args.heartbeat_interval_ms,
             connection_timeout_ms=args.connection_timeout_ms,
             max_message_bytes=args.max_message_bytes,
+            allowed_origins=args.allowed_origin,
+            max_connections=args.max_connections,
+            rate_limit_messages=args.rate_limit,
+            rate_limit_window_ms=args.rate_limit_window_ms,
         )
     except ConfigError as exc:
         sys.stderr.write(f"steadysocket: {exc}\n")
         return 2
+    context = None
+    if args.certfile is not None:
+        import ssl
+
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_cert_chain(args.certfile, args.keyfile)
+        except (OSError, ssl.SSLError) as exc:
+            sys.stderr.write(f"steadysocket: cannot load the certificate: {exc}\n")
+            return 2
+    elif args.keyfile is not None:
+        sys.stderr.write("steadysocket: --keyfile needs --certfile\n")
+        return 2
     try:
-        asyncio.run(server.serve_until_signalled(args.host, args.port, config))
+        asyncio.run(server.serve_until_signalled(args.host, args.port, config, ssl=context))
     except OSError as exc:
         sys.stderr.write(f"steadysocket: cannot serve on {args.host}:{args.port}: {exc.strerror}\n")
         return 1
@@ -144,6 +161,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat-interval-ms", type=int, metavar="MS", help="default 25000")
     p.add_argument("--connection-timeout-ms", type=int, metavar="MS", help="default 30000")
     p.add_argument("--max-message-bytes", type=int, metavar="N", help="default 1048576")
+    p.add_argument(
+        "--allowed-origin",
+        action="append",
+        metavar="ORIGIN",
+        help="a browser Origin allowed to connect, e.g. https://app.example.com (repeatable; "
+        "default: any); others get HTTP 403",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        metavar="N",
+        help="open WebSocket connections at most (default: no cap); more get HTTP 503",
+    )
+    p.add_argument(
+        "--rate-limit",
+        type=int,
+        metavar="N",
+        help="frames a connection may send per window (default: no limit); faster: close 4429",
+    )
+    p.add_argument(
+        "--rate-limit-window-ms", type=int, metavar="MS", help="the rate limit's window, 1000"
+    )
+    p.add_argument("--certfile", metavar="PEM", help="serve wss:// with this certificate chain")
+    p.add_argument("--keyfile", metavar="PEM", help="its private key (if not in --certfile)")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser(

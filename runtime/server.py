@@ -44,6 +44,7 @@ import signal
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import UTC, datetime
+from ssl import SSLContext
 from types import TracebackType
 from typing import Any, Literal, Protocol, Self, TypeVar
 
@@ -54,17 +55,20 @@ from websockets.protocol import State
 
 from steadysocket.model.protocol import CloseCode, MessageType
 from steadysocket.model.server_session import (
+    RATE_LIMITED,
     SHUTDOWN,
     UNSUPPORTED_LEGACY_DATA,
     Action,
     ClientRoute,
     Close,
     Deliver,
+    HttpRefusal,
     LegacyRoute,
     SendText,
     ServerConfig,
     ServerSession,
     SessionState,
+    admit,
     encode_server_message,
     legacy_echo,
     match_route,
@@ -106,6 +110,13 @@ def _utc_now() -> datetime:
 
 def _new_request_id() -> str:
     return str(uuid.uuid4())
+
+
+def _peer(ws: ServerConnection) -> str:
+    address = ws.remote_address
+    if isinstance(address, tuple) and len(address) >= 2:
+        return f"{address[0]}:{address[1]}"
+    return str(address)
 
 
 def _describe_close(link: Link) -> str:
@@ -173,10 +184,7 @@ class _WebSocketsLink:
 
     @property
     def remote_address(self) -> str:
-        address = self.ws.remote_address
-        if isinstance(address, tuple) and len(address) >= 2:
-            return f"{address[0]}:{address[1]}"
-        return str(address)
+        return _peer(self.ws)
 
     @property
     def close_code(self) -> int | None:
@@ -221,12 +229,13 @@ class Client:
     :class:`Client`.
     """
 
-    __slots__ = ("_endpoints", "_link", "_session")
+    __slots__ = ("_endpoints", "_link", "_reader", "_session")
 
     def __init__(self, endpoints: Endpoints, link: Link, session: ServerSession) -> None:
         self._endpoints = endpoints
         self._link = link
         self._session = session
+        self._reader: asyncio.Task[None] | None = None
 
     @property
     def client_id(self) -> str:
@@ -306,8 +315,12 @@ class Endpoints:
     :meth:`serve_client` or :meth:`serve_legacy` until the connection ends.
 
     Configuration: pass ``config``, or any of ``heartbeat_interval_ms``,
-    ``connection_timeout_ms``, ``max_message_bytes``; what is not given comes from
-    ``WS_HEARTBEAT_INTERVAL_MS`` / ``WS_CONNECTION_TIMEOUT_MS``, then the defaults.
+    ``connection_timeout_ms``, ``max_message_bytes``, ``allowed_origins``, ``max_connections``,
+    ``rate_limit_messages``, ``rate_limit_window_ms`` (see
+    :class:`~steadysocket.model.server_session.ServerConfig`); what is not given comes from
+    ``WS_HEARTBEAT_INTERVAL_MS`` / ``WS_CONNECTION_TIMEOUT_MS``, then the defaults. The origin
+    check and the connection cap happen before the upgrade, so they are the transport adapter's
+    to carry out (:meth:`admission`); the rate limit is the session's.
 
     Args:
         config: complete settings; not combinable with the three individual settings.
@@ -329,18 +342,34 @@ class Endpoints:
         heartbeat_interval_ms: int | None = None,
         connection_timeout_ms: int | None = None,
         max_message_bytes: int | None = None,
+        allowed_origins: Iterable[str] | None = None,
+        max_connections: int | None = None,
+        rate_limit_messages: int | None = None,
+        rate_limit_window_ms: int | None = None,
         environ: Mapping[str, str] | None = None,
         default_handler: MessageHandler = echo_handler,
         request_id_factory: Callable[[], str] = _new_request_id,
         wall_clock: Callable[[], datetime] = _utc_now,
     ) -> None:
-        explicit = (heartbeat_interval_ms, connection_timeout_ms, max_message_bytes)
+        explicit = (
+            heartbeat_interval_ms,
+            connection_timeout_ms,
+            max_message_bytes,
+            allowed_origins,
+            max_connections,
+            rate_limit_messages,
+            rate_limit_window_ms,
+        )
         if config is None:
             config = ServerConfig.from_env(
                 os.environ if environ is None else environ,
                 heartbeat_interval_ms=heartbeat_interval_ms,
                 connection_timeout_ms=connection_timeout_ms,
                 max_message_bytes=max_message_bytes,
+                allowed_origins=allowed_origins,
+                max_connections=max_connections,
+                rate_limit_messages=rate_limit_messages,
+                rate_limit_window_ms=rate_limit_window_ms,
             )
         elif any(value is not None for value in explicit):
             raise TypeError("pass either config or individual settings, not both")
@@ -385,6 +414,12 @@ class Endpoints:
         """Register a hook run when an accepted ``/ws/client`` connection ends; a decorator."""
         self._disconnect_hooks.append(hook)
         return hook
+
+    # ---- admission ----------------------------------------------------------------------
+
+    def admission(self, origins: list[str], open_connections: int) -> HttpRefusal | None:
+        """The model's :func:`~steadysocket.model.server_session.admit` with this config."""
+        return admit(self.config, origins, open_connections)
 
     # ---- server push --------------------------------------------------------------------
 
@@ -452,9 +487,32 @@ class Endpoints:
             if isinstance(action, SendText):
                 await self._send(client._link, action.text)
             elif isinstance(action, Close):
-                await client._link.close(action.code, action.reason)
+                if asyncio.current_task() is client._reader:
+                    await self._close_from_reader(client._link, action)
+                else:
+                    await client._link.close(action.code, action.reason)
             else:
                 await self._deliver(client, action)
+
+    @staticmethod
+    async def _close_from_reader(link: Link, action: Close) -> None:
+        """Close ``link`` from the one task that reads it (a reply, a handler, the legacy echo).
+
+        Bug fixed here: websockets stops reading the socket while its queue of unread frames is
+        full (flow control), so the peer's answering close frame waits behind those frames. A
+        close awaited by the only reader therefore sat out the whole close timeout (10 s) for
+        any client that had sent a burst, a rate-limited one above all. Reading, and dropping,
+        frames until the closing handshake is over lets the close frame through.
+        """
+
+        async def drain() -> None:
+            while await link.receive() is not None:
+                pass
+
+        async with asyncio.TaskGroup() as group:
+            drainer = group.create_task(drain())
+            await link.close(action.code, action.reason)
+            drainer.cancel()
 
     async def _deliver(self, client: Client, action: Deliver) -> None:
         handler = self._handlers.get(action.type, self._default_handler)
@@ -529,6 +587,7 @@ class Endpoints:
             await self._run_hooks(self._disconnect_hooks, client, "on_disconnect")
 
     async def _read_loop(self, client: Client) -> None:
+        client._reader = asyncio.current_task()
         await self._run_hooks(self._connect_hooks, client, "on_connect")
         loop = asyncio.get_running_loop()
         session, link = client._session, client._link
@@ -559,12 +618,16 @@ class Endpoints:
         """Run one accepted legacy ``/ws/{client_id}`` connection until it ends."""
         self._legacy.add(link)
         logger.info("legacy client %s connected from %s", client_id, link.remote_address)
+        loop = asyncio.get_running_loop()
+        bucket = self.config.new_bucket(loop.time())
         try:
             while (data := await link.receive()) is not None:
-                if isinstance(data, str):
+                if bucket is not None and not bucket.take(loop.time()):
+                    await self._close_from_reader(link, RATE_LIMITED)
+                elif isinstance(data, str):
                     await self._send(link, legacy_echo(data).text)
                 else:
-                    await link.close(UNSUPPORTED_LEGACY_DATA.code, UNSUPPORTED_LEGACY_DATA.reason)
+                    await self._close_from_reader(link, UNSUPPORTED_LEGACY_DATA)
         finally:
             self._legacy.discard(link)
         logger.info("legacy client %s disconnected: %s", client_id, _describe_close(link))
@@ -575,11 +638,15 @@ class Endpoints:
 # --------------------------------------------------------------------------------------------
 
 
-def _tracking_connection_class(live: set[ServerConnection]) -> type[ServerConnection]:
+def _tracking_connection_class(
+    live: set[ServerConnection], admitted: set[ServerConnection]
+) -> type[ServerConnection]:
     """A ServerConnection that records itself in ``live`` from TCP accept to TCP close.
 
     websockets only tracks connections that completed the upgrade; a TCP connection that never
     sends its request would hold :meth:`SteadyServer.close` up for the whole open timeout.
+    ``admitted`` holds those whose upgrade request passed admission, until TCP close; it is
+    what the connection cap counts.
     """
 
     class _TrackedConnection(ServerConnection):
@@ -589,6 +656,7 @@ def _tracking_connection_class(live: set[ServerConnection]) -> type[ServerConnec
 
         def connection_lost(self, exc: Exception | None) -> None:
             live.discard(self)
+            admitted.discard(self)
             super().connection_lost(exc)
 
     return _TrackedConnection
@@ -604,6 +672,8 @@ class SteadyServer(Endpoints):
         host: interface to bind; ``127.0.0.1`` by default.
         port: TCP port; 0 picks a free one, readable from :attr:`port` after :meth:`start`.
         compression: ``"deflate"`` (permessage-deflate, the default) or ``None``.
+        ssl: serve ``wss://`` with this server-side context (certificate loaded); ``None``
+            serves plain ``ws://``.
 
     Raises:
         ConfigError: a setting or variable is malformed (a ``ValueError``).
@@ -615,10 +685,15 @@ class SteadyServer(Endpoints):
         port: int = 8000,
         *,
         compression: Literal["deflate"] | None = "deflate",
+        ssl: SSLContext | None = None,
         config: ServerConfig | None = None,
         heartbeat_interval_ms: int | None = None,
         connection_timeout_ms: int | None = None,
         max_message_bytes: int | None = None,
+        allowed_origins: Iterable[str] | None = None,
+        max_connections: int | None = None,
+        rate_limit_messages: int | None = None,
+        rate_limit_window_ms: int | None = None,
         environ: Mapping[str, str] | None = None,
         default_handler: MessageHandler = echo_handler,
         request_id_factory: Callable[[], str] = _new_request_id,
@@ -629,6 +704,10 @@ class SteadyServer(Endpoints):
             heartbeat_interval_ms=heartbeat_interval_ms,
             connection_timeout_ms=connection_timeout_ms,
             max_message_bytes=max_message_bytes,
+            allowed_origins=allowed_origins,
+            max_connections=max_connections,
+            rate_limit_messages=rate_limit_messages,
+            rate_limit_window_ms=rate_limit_window_ms,
             environ=environ,
             default_handler=default_handler,
             request_id_factory=request_id_factory,
@@ -637,8 +716,10 @@ class SteadyServer(Endpoints):
         self.host = host
         self._requested_port = port
         self._compression = compression
+        self._ssl = ssl
         self._ws_server: Server | None = None
         self._live: set[ServerConnection] = set()
+        self._admitted: set[ServerConnection] = set()
         self._port: int | None = None
         self._closing = False
 
@@ -665,7 +746,8 @@ class SteadyServer(Endpoints):
             ping_timeout=None,
             close_timeout=min(timeout, _MAX_CLOSE_TIMEOUT),
             max_size=self.config.max_message_bytes,
-            create_connection=_tracking_connection_class(self._live),
+            create_connection=_tracking_connection_class(self._live, self._admitted),
+            ssl=self._ssl,
         )
         self._port = self._ws_server.sockets[0].getsockname()[1]
         logger.info("listening on %s", self.url)
@@ -727,15 +809,26 @@ class SteadyServer(Endpoints):
 
     @property
     def url(self) -> str:
-        """``ws://host:port``, the base URL clients dial."""
+        """``ws://host:port`` (``wss://`` with TLS), the base URL clients dial."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"ws://{host}:{self.port}"
+        scheme = "ws" if self._ssl is None else "wss"
+        return f"{scheme}://{host}:{self.port}"
 
     # ---- connections --------------------------------------------------------------------
 
     def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
         if match_route(request.path) is None:
             return ws.respond(http.HTTPStatus.NOT_FOUND, "Not Found\n")
+        refusal = self.admission(request.headers.get_all("Origin"), len(self._admitted))
+        if refusal is not None:
+            logger.info(
+                "refused %s: HTTP %d %s",
+                _peer(ws),
+                refusal.status,
+                refusal.body.strip(),
+            )
+            return ws.respond(http.HTTPStatus(refusal.status), refusal.body)
+        self._admitted.add(ws)
         return None
 
     async def _handle(self, ws: ServerConnection) -> None:
@@ -758,6 +851,7 @@ async def serve_until_signalled(
     config: ServerConfig,
     *,
     signals: Iterable[signal.Signals] = (signal.SIGTERM, signal.SIGINT),
+    ssl: SSLContext | None = None,
 ) -> None:
     """Serve until one of ``signals`` arrives, then shut down gracefully (1001 to every client).
 
@@ -779,7 +873,7 @@ async def serve_until_signalled(
     for sig in installed:
         loop.add_signal_handler(sig, on_signal, sig)
     try:
-        async with SteadyServer(host, port, config=config):
+        async with SteadyServer(host, port, config=config, ssl=ssl):
             await stop.wait()
             logger.info("%s received, shutting down", received[0].name)
     finally:

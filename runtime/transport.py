@@ -12,7 +12,8 @@ from __future__ import annotations
 import errno
 import socket
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from ssl import SSLContext, SSLError
+from typing import Any, Protocol
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import (
@@ -106,6 +107,11 @@ def failure_from_exception(exc: BaseException) -> Failure:
         return ErrorFailure(ErrorKind.NO_CLOSE_FRAME, f"handshake broke off: {exc}")
     if isinstance(exc, ConnectionRefusedError):
         return ErrorFailure(ErrorKind.REFUSED, str(exc))
+    if isinstance(exc, SSLError):
+        # An SSLError is an OSError too; without this a certificate the client does not trust
+        # was reported as "connection refused" (network). PROTOCOL Client 13 has no TLS row,
+        # so it is "anything else": unknown.
+        return ErrorFailure(ErrorKind.OTHER, f"TLS: {exc}")
     if isinstance(exc, socket.gaierror):
         return ErrorFailure(ErrorKind.DNS, str(exc))
     if isinstance(exc, OSError) and exc.errno in {
@@ -124,8 +130,16 @@ CLOSE_TIMEOUT_S = 2.0
 """How long a closing handshake may take before the TCP connection is dropped."""
 
 
-async def open_websocket(url: str, *, max_size: int | None = 1 << 20) -> Transport:
-    """Open a real WebSocket connection to ``url``; raises ``OpenFailed``."""
+async def open_websocket(
+    url: str, *, max_size: int | None = 1 << 20, ssl: SSLContext | None = None
+) -> Transport:
+    """Open a real WebSocket connection to ``url``; raises ``OpenFailed``.
+
+    ``ssl`` is the client context for ``wss://`` (for a private CA:
+    ``WebSocketManager(..., opener=functools.partial(open_websocket, ssl=context))``); by
+    default a ``wss://`` URL uses the system's trusted certificates.
+    """
+    tls: dict[str, Any] = {} if ssl is None else {"ssl": ssl}
     try:
         connection = await connect(
             url,
@@ -135,6 +149,7 @@ async def open_websocket(url: str, *, max_size: int | None = 1 << 20) -> Transpo
             # A dead peer never answers the close frame; drop TCP instead of lingering.
             close_timeout=CLOSE_TIMEOUT_S,
             max_size=max_size,
+            **tls,
         )
     except InvalidURI as exc:
         raise ValueError(f"invalid WebSocket URL {url!r}: {exc}") from exc
