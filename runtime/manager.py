@@ -43,7 +43,13 @@ from steadysocket.model.effects import (
     Timer,
 )
 from steadysocket.model.snapshot import Phase, WSState
-from steadysocket.runtime.transport import Opener, OpenFailed, Transport, TransportClosed
+from steadysocket.runtime.transport import (
+    Opener,
+    OpenFailed,
+    Transport,
+    TransportClosed,
+    failure_from_exception,
+)
 from steadysocket.runtime.transport import open_websocket as _open_websocket
 
 logger = logging.getLogger(__name__)
@@ -439,9 +445,13 @@ class WebSocketManager:
     async def _socket_main(self, generation: int) -> None:
         try:
             transport = await self._opener(self.url)
-        except OpenFailed as exc:
-            self._report(exc.failure)
-            self._apply(self._core.attempt_failed(generation, exc.failure))
+        except Exception as exc:
+            # OpenFailed is the Opener contract. Anything else (a custom opener's bug, an error
+            # nobody mapped) used to end the supervisor's TaskGroup: the manager stayed in
+            # connecting with no timer, and disconnect() raised. It is a failed attempt too.
+            failure = exc.failure if isinstance(exc, OpenFailed) else failure_from_exception(exc)
+            self._report(failure)
+            self._apply(self._core.attempt_failed(generation, failure))
             return
         if generation != self._core.live_generation:
             await self._close_transport(transport, 1000, "Attempt abandoned")

@@ -62,6 +62,7 @@ __all__ = [
     "ConnectionRecord",
     "InMemoryServer",
     "LoopbackServer",
+    "MemoryTransport",
     "Mode",
     "Script",
     "ScriptedServer",

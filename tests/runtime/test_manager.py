@@ -25,6 +25,7 @@ from tests.runtime.fakes import (
     ConnState,
     InMemoryServer,
     LoopbackServer,
+    MemoryTransport,
     Script,
     ScriptedServer,
     VirtualClock,
@@ -266,6 +267,43 @@ def test_on_error_hears_of_connect_timeouts_and_dead_peers() -> None:
             ("timeout", True, Phase.DEGRADED),
         ]
         await m.disconnect()
+
+    run(main)
+
+
+@pytest.mark.parametrize(
+    ("exc", "kind"),
+    [(OSError("boom"), "network"), (RuntimeError("opener bug"), "unknown")],
+    ids=["oserror", "runtimeerror"],
+)
+def test_an_opener_breaking_its_contract_is_a_failed_attempt_not_a_hang(
+    exc: Exception, kind: str
+) -> None:
+    async def main() -> None:
+        clock = VirtualClock()
+
+        async def opener(url: str) -> MemoryTransport:
+            raise exc
+
+        m = WebSocketManager(
+            "ws://opener.invalid",
+            "c",
+            backoff_strategy=backoff(max_attempts=2),
+            clock=clock,
+            sleep=clock.sleep,
+            opener=opener,
+            environ={},
+        )
+        errors: list[WSError] = []
+        m.on_error(errors.append)
+        await m.connect()
+        await clock.run_until_idle()
+        assert phase_of(m) is Phase.FAILED
+        await clock.advance(1.0)
+        assert phase_of(m) is Phase.FALLBACK
+        assert [(e.kind, e.retryable) for e in errors] == [(kind, True), (kind, True)]
+        await m.disconnect()
+        assert steadysocket_tasks() == []
 
     run(main)
 
