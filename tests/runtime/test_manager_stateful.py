@@ -85,9 +85,11 @@ from tests.runtime.fakes import (
 
 HEARTBEAT_MS = 1000
 CONNECT_TIMEOUT_MS = 1500.0
-STABLE_AFTER_MS = 1777.0
-"""Shorter than the 1.2 s to degraded, so that a connection silent from the start goes
-degraded before it is stable and degraded --stable--> degraded is reachable."""
+STABLE_AFTER_MS = (1777.0, 3333.0)
+"""Drawn per run. 1.777 s is shorter than the 1.2 s to degraded plus the 0.8 s to dead, so a
+connection silent from the start is degraded when it becomes stable (degraded --stable-->);
+3.333 s is longer than the 2 s to dead, so a dead peer can end an outage at its last attempt
+(degraded --peer_dead--> fallback)."""
 PROBE_MS = 7770.0
 BASE_DELAYS_MS = (500.0, 1000.0, 2000.0)
 CAP_MS = 2000.0
@@ -201,6 +203,7 @@ class Params:
     probe: bool
     queue_limit: int
     seed: int
+    stable_after_ms: float
 
     def backoff(self) -> BackoffStrategy:
         return BackoffStrategy(
@@ -220,7 +223,7 @@ class ClientModel:
         self.lc = Lifecycle(
             backoff=params.backoff(),
             connection_timeout_ms=CONNECT_TIMEOUT_MS,
-            stable_after_ms=STABLE_AFTER_MS,
+            stable_after_ms=params.stable_after_ms,
             fallback_probe_interval_ms=PROBE_MS if params.probe else None,
         )
         self.script = script
@@ -811,9 +814,12 @@ class ManagerMachine(RuleBasedStateMachine):
         probe=st.booleans(),
         queue_limit=st.sampled_from([1, 3]),
         seed=st.integers(0, 2**32 - 1),
+        stable_after_ms=st.sampled_from(STABLE_AFTER_MS),
     )
-    def start(self, max_attempts: int, probe: bool, queue_limit: int, seed: int) -> None:
-        params = Params(max_attempts, probe, queue_limit, seed)
+    def start(
+        self, max_attempts: int, probe: bool, queue_limit: int, seed: int, stable_after_ms: float
+    ) -> None:
+        params = Params(max_attempts, probe, queue_limit, seed, stable_after_ms)
         note(f"{self.label}: {params}")
         self.server = self.make_server()
         if isinstance(self.server, LoopbackServer):
@@ -826,7 +832,7 @@ class ManagerMachine(RuleBasedStateMachine):
             backoff_strategy=params.backoff(),
             fallback_probe_interval_ms=PROBE_MS if probe else None,
             send_queue_limit=queue_limit,
-            stable_after_ms=STABLE_AFTER_MS,
+            stable_after_ms=params.stable_after_ms,
             clock=self.clock,
             sleep=self.clock.sleep,
             opener=opener,
