@@ -149,6 +149,11 @@ class FaultProxy:
         return sum(1 for link in self._links if not link.ended)
 
     @property
+    def flapping(self) -> bool:
+        """Whether a flap is running now."""
+        return not self._flap_done.is_set()
+
+    @property
     def is_down(self) -> bool:
         """Whether traffic is being refused or dropped now (in a fault mode or a flap's down)."""
         return self._effective in _DOWN_MODES
