@@ -388,6 +388,13 @@ class ClientCore:
         message = None if kind in INTERNAL_TYPES else data
         return Received(message, reply, self._resume())
 
+    def received_binary(self, size: int) -> list[Effect]:
+        """A binary frame on the open connection: not part of the protocol, so it reaches no
+        listener, but it is traffic all the same (it counts, and it ends a degraded spell)."""
+        self._count_received("")
+        self.log.debug("[WS] ignoring a binary frame of %d bytes", size)
+        return self._resume()
+
     def _count_received(self, text: str) -> None:
         self.messages_received += 1
         self._last_activity = self.clock.monotonic()

@@ -23,7 +23,7 @@ import random
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Mapping
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Self
@@ -61,7 +61,7 @@ SEND_TIMEOUT_S = 10.0
 Sleep = Callable[[float], Awaitable[None]]
 StateListener = Callable[[WSState], None]
 MessageListener = Callable[[dict[str, Any]], None]
-ErrorListener = Callable[["WSError"], None]
+ErrorListener = Callable[["WSError | ServerError"], None]
 ReturnListener = Callable[[list[dict[str, Any]]], None]
 
 
@@ -295,7 +295,8 @@ class WebSocketManager:
         return self._subscribe(self._message_listeners, listener)
 
     def on_error(self, listener: ErrorListener) -> Callable[[], None]:
-        """Call ``listener(WSError)`` on every failed attempt and lost connection."""
+        """Call ``listener(error)`` on every failed attempt and lost connection (a ``WSError``)
+        and on every ``error`` message from the server (a ``ServerError``)."""
         return self._subscribe(self._error_listeners, listener)
 
     def on_returned(self, listener: ReturnListener) -> Callable[[], None]:
@@ -319,7 +320,7 @@ class WebSocketManager:
             if entry in self._phase_waiters:
                 self._phase_waiters.remove(entry)
 
-    async def messages(self) -> AsyncIterator[dict[str, Any]]:
+    async def messages(self) -> AsyncGenerator[dict[str, Any], None]:
         """Iterate over received messages (as ``on_message`` sees them) until the loop breaks."""
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         unsubscribe = self.on_message(queue.put_nowait)
@@ -479,9 +480,17 @@ class WebSocketManager:
             async with asyncio.TaskGroup() as connection:
                 connection.create_task(self._writer(transport))
                 await self._reader(transport)
-        except* TransportClosed as group:
-            closed = group.exceptions[0]
-            assert isinstance(closed, TransportClosed)
+        except* Exception as group:
+            # TransportClosed is the Transport contract; anything else from a custom transport
+            # ends the connection as a failure too, rather than the supervisor's TaskGroup.
+            error = group.exceptions[0]
+            closed = (
+                error
+                if isinstance(error, TransportClosed)
+                else TransportClosed(
+                    ErrorFailure(ErrorKind.OTHER, f"{type(error).__name__}: {error}")
+                )
+            )
             self._report(closed.failure)
             self._forget(transport)
             # Harmless if the peer already closed it; frees it if only our send gave up.
@@ -504,8 +513,9 @@ class WebSocketManager:
         while True:
             frame = await transport.recv()
             if isinstance(frame, bytes):
-                core.messages_received += 1
-                logger.debug("[WS] ignoring a binary frame of %d bytes", len(frame))
+                binary_effects = core.received_binary(len(frame))
+                if binary_effects:
+                    self._apply(binary_effects)
                 continue
             received = core.received(frame)
             if received.reply is not None:
@@ -612,10 +622,10 @@ class WebSocketManager:
         if failure is not None and failure is not before:
             self._emit_error(WSError(failure, phase))
 
-    def _emit_error(self, error: Exception) -> None:
+    def _emit_error(self, error: WSError | ServerError) -> None:
         for listener in tuple(self._error_listeners):
             try:
-                listener(error)  # type: ignore[arg-type]
+                listener(error)
             except Exception:
                 logger.exception("[WS] error listener raised")
 

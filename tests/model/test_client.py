@@ -743,6 +743,16 @@ def test_even_an_unparseable_frame_ends_degraded() -> None:
     assert rt.phase() is Phase.OPEN
 
 
+def test_a_binary_frame_is_traffic_too_and_ends_degraded() -> None:
+    rt = heartbeat_client()
+    rt.fire(Timer.HEARTBEAT)
+    before = rt.core.messages_received
+    rt.apply(rt.core.received_binary(3))
+    assert rt.phase() is Phase.OPEN
+    assert rt.core.messages_received == before + 1
+    assert "binary" not in rt.core.snapshot().stats.message_counts_by_type
+
+
 def test_two_heartbeat_intervals_of_silence_mean_a_dead_peer_and_a_reconnect() -> None:
     rt = heartbeat_client()
     rt.fire(Timer.HEARTBEAT)
