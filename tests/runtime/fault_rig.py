@@ -27,7 +27,7 @@ from typing import Any, Self, TypeVar
 
 from steadysocket.model.backoff import BackoffStrategy
 from steadysocket.model.snapshot import Phase, WSState
-from steadysocket.runtime.manager import WebSocketManager, WSError
+from steadysocket.runtime.manager import ServerError, WebSocketManager, WSError
 
 MS = 0.001
 TIMEOUT = 10_000 * MS
@@ -206,7 +206,7 @@ def recorded(url: str, client_id: str, **kwargs: Any) -> Recorder:
         rec.phases.append(state.phase)
         rec.times.append(asyncio.get_running_loop().time())
 
-    def on_error(error: WSError) -> None:
+    def on_error(error: WSError | ServerError) -> None:
         if isinstance(error, WSError):  # the server's error messages come here too
             rec.errors.append(error)
 

@@ -28,7 +28,7 @@ from steadysocket.model.backoff import BackoffStrategy
 from steadysocket.model.snapshot import Phase, WSState
 from steadysocket.runtime.asgi import SteadyASGI
 from steadysocket.runtime.cli import main as cli_main
-from steadysocket.runtime.manager import WebSocketManager, WSError
+from steadysocket.runtime.manager import ServerError, WebSocketManager, WSError
 from steadysocket.runtime.server import SteadyServer
 from steadysocket.runtime.transport import open_websocket
 
@@ -108,7 +108,12 @@ def manager(url: str, **kwargs: Any) -> tuple[WebSocketManager, list[Phase], lis
         phases.append(state.phase)
 
     m.on_state_change(record)
-    m.on_error(lambda e: errors.append(e))
+
+    def on_error(error: WSError | ServerError) -> None:
+        if isinstance(error, WSError):
+            errors.append(error)
+
+    m.on_error(on_error)
     return m, phases, errors
 
 
