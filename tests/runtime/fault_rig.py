@@ -158,14 +158,18 @@ class ServeProcess:
 
 
 def backoff(
-    delays: tuple[float, ...] = (50, 100), *, jitter: float = 0.0, seed: int = 7
+    delays: tuple[float, ...] = (50, 100),
+    *,
+    jitter: float = 0.0,
+    seed: int = 7,
+    max_attempts: int = 1000,
 ) -> BackoffStrategy:
-    """A fast backoff with a large attempt budget: fault tests want recovery, not fallback."""
+    """A fast backoff, by default with a large attempt budget: recovery, not fallback."""
     return BackoffStrategy(
         base_delays_ms=delays,
         cap_delay_ms=max(delays),
         jitter_ratio=jitter,
-        max_attempts=1000,
+        max_attempts=max_attempts,
         seed=seed,
     )
 

@@ -344,7 +344,9 @@ def test_fifty_clients_through_a_flapping_link_all_end_open_and_nothing_is_lost(
     reached the server after recovery, or been handed back (``on_returned``). Recovery means
     an up spell long enough for every client to reconnect and flush: a cut in the instant
     after a flush would lose the flushed frames with the connection, like any frame in flight.
-    A message sent while the client still believed itself open, in the instant before it
+    Every fifth client has only two attempts per outage, so it reaches ``fallback`` while the
+    link is down, hands its queue back, refuses sends there, and returns through its recovery
+    probe. A message sent while the client still believed itself open, in the instant before it
     noticed the cut, may be lost with the TCP connection too: WebSocket has no
     acknowledgements, and steadysocket adds none (see docs/reliability.md); those are counted
     and reported. At the end every client is ``open``, none is stuck, and no task is left."""
@@ -354,6 +356,8 @@ def test_fifty_clients_through_a_flapping_link_all_end_open_and_nothing_is_lost(
     # Each up spell must outlast the reconnect storm of every client (all of them in this one
     # process, on 2 cores) plus the flush, or a cut can catch a flush in flight.
     up_ms = 4_000 if HEAVY else 1_500
+    # Each down spell must outlast two attempts of a quitter, however late the loop runs them.
+    down_ms = 1_000 if HEAVY else 400
 
     async def body() -> dict[str, Any]:
         before = asyncio.all_tasks()
@@ -364,11 +368,16 @@ def test_fifty_clients_through_a_flapping_link_all_end_open_and_nothing_is_lost(
             async def record(message: dict[str, Any], client: Client) -> None:
                 delivered.append((client.client_id, str(message["id"])))
 
+            # Every fifth client gives up after two attempts: it reaches fallback during a
+            # down spell, hands its queue back, and comes back through its recovery probe.
             recs = [
                 recorded(
                     proxy.url,
-                    f"flap-{i}",
-                    backoff_strategy=backoff((50, 100), jitter=0.2, seed=i),
+                    f"{'quitter' if i % 5 == 0 else 'flap'}-{i}",
+                    backoff_strategy=backoff(
+                        (50, 100), jitter=0.2, seed=i, max_attempts=2 if i % 5 == 0 else 1000
+                    ),
+                    fallback_probe_interval_ms=200 if i % 5 == 0 else None,
                     connection_timeout_ms=2_000,
                     stable_after_ms=200,
                 )
@@ -381,8 +390,8 @@ def test_fifty_clients_through_a_flapping_link_all_end_open_and_nothing_is_lost(
 
             queued: set[tuple[str, str]] = set()
             while_open: set[tuple[str, str]] = set()
-            refused = 0
-            proxy.set_mode(Mode.FLAP, flap=Flap(up_ms=up_ms, down_ms=250, cycles=cycles))
+            refused: list[tuple[str, Phase]] = []
+            proxy.set_mode(Mode.FLAP, flap=Flap(up_ms=up_ms, down_ms=down_ms, cycles=cycles))
             tick = 0
             while proxy.flapping and tick < 10_000:
                 tick += 1
@@ -390,7 +399,7 @@ def test_fifty_clients_through_a_flapping_link_all_end_open_and_nothing_is_lost(
                     key = (rec.manager.client_id, f"t{tick}")
                     phase = rec.manager.phase
                     if not rec.manager.send({"type": "data", "id": key[1]}):
-                        refused += 1
+                        refused.append((key[0].partition("-")[0], phase))
                     elif phase in {OPEN, DEGRADED}:
                         while_open.add(key)
                     else:
@@ -432,7 +441,8 @@ def test_fifty_clients_through_a_flapping_link_all_end_open_and_nothing_is_lost(
         f"{n_clients} clients, {r['cycles']} cycles: {len(r['queued'])} sent while down "
         f"(all delivered or handed back: {len(r['returned'])} handed back), "
         f"{len(r['while_open'])} sent while open ({len(lost_in_flight)} lost in flight at a "
-        f"cut), {r['refused']} refused, attempts per client max {max(r['attempts'])}",
+        f"cut), {len(r['refused'])} refused in fallback, attempts per client max "
+        f"{max(r['attempts'])}",
     )
     assert r["cycles"] == cycles
     assert r["phases"] == [OPEN] * n_clients
@@ -441,6 +451,10 @@ def test_fifty_clients_through_a_flapping_link_all_end_open_and_nothing_is_lost(
     assert r["queued"] - r["returned"] <= delivered
     assert len(r["delivered"]) == len(delivered), "a message was delivered twice"
     assert delivered <= r["queued"] | r["while_open"]
-    assert r["refused"] == 0
+    # Only the quitters refused messages, and only in fallback; their queues were handed back.
+    assert {who for who, _ in r["refused"]} <= {"quitter"}
+    assert {phase for _, phase in r["refused"]} <= {Phase.FALLBACK}
+    assert r["returned"], "no queue was handed back: the fallback path was not exercised"
+    assert {cid.partition("-")[0] for cid, _ in r["returned"]} == {"quitter"}
     assert r["leftover"] == []
     assert r["leaked"] == set()
