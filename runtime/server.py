@@ -29,6 +29,11 @@ different reason and cost a task per connection. The legacy echo has no heartbea
 so it gets websockets' keepalive (a Ping every heartbeat interval, closed with 1011 if no Pong
 within the connection timeout), the only way to notice a dead legacy peer.
 
+Admission and limits (all off unless configured, see ``ServerConfig``): before the upgrade,
+the model's ``admit()`` answers a forbidden ``Origin`` with HTTP 403 and a server at
+``max_connections`` with HTTP 503; after it, the session closes a client that sends faster
+than its rate limit with 4429 ``Rate limit exceeded``. ``ssl=`` serves ``wss://``.
+
 Slow readers: every send is bounded by the connection timeout. A client whose send does not
 complete in time has stopped reading; its connection is aborted (a close frame could not reach
 it anyway) and it ends like any lost connection.

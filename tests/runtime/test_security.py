@@ -31,6 +31,7 @@ from steadysocket.runtime.cli import main as cli_main
 from steadysocket.runtime.manager import ServerError, WebSocketManager, WSError
 from steadysocket.runtime.server import SteadyServer
 from steadysocket.runtime.transport import open_websocket
+from tests.runtime.fault_rig import ServeProcess
 
 MS = 0.001
 TIMEOUT = 5_000 * MS
@@ -375,6 +376,28 @@ def test_serve_command_rejects_bad_security_flags_with_exit_2(
     assert "rate_limit_messages" in err
     assert "--keyfile needs --certfile" in err
     assert "cannot load the certificate" in err
+
+
+def test_serve_command_serves_wss_with_the_security_options(certificates: dict[str, Path]) -> None:
+    async def body() -> tuple[list[int], tuple[int, str]]:
+        async with ServeProcess(
+            "--certfile", str(certificates["cert"]), "--keyfile", str(certificates["key"]),
+            "--allowed-origin", "https://ok.example", "--max-connections", "1",
+            "--rate-limit", "3",
+        ) as server:  # fmt: skip
+            url = f"wss://127.0.0.1:{server.port}"
+            tls = client_context(certificates)
+            statuses = [await status_of(url, ssl=tls, origin="https://evil.example")]
+            async with dial(url, ssl=tls, origin="https://ok.example") as ws:
+                await recv_json(ws)
+                statuses.append(await status_of(url, ssl=tls))
+                for _ in range(10):
+                    await ws.send('{"type":"ping"}')
+                closed = await closed_with(ws)
+            await server.stop()
+            return statuses, closed
+
+    assert run(body()) == ([403, 503], (4429, "Rate limit exceeded"))
 
 
 # ---- the same admission under ASGI (uvicorn) ----------------------------------------------
