@@ -4,7 +4,8 @@ Modes, switchable at any time with ``set_mode``:
 
 - ``PASS``: forward both ways;
 - ``DELAY``: forward both ways, each chunk ``delay_ms`` after it arrived (latency, in order;
-  throughput is kept, the chunks are not serialised behind each other's delay);
+  chunks are not serialised behind each other's delay, up to ``QUEUE_CHUNKS`` in flight per
+  direction);
 - ``DRIP``: a slow link: forward ``drip_bytes`` every ``drip_interval_ms`` in each direction;
 - ``BLACKHOLE``: keep TCP open and forward nothing (a half-open connection);
 - ``CLOSE``: close connections cleanly (FIN), and close new ones at once;
