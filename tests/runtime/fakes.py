@@ -53,6 +53,7 @@ from steadysocket.model.protocol import (
     make_pong,
     validate_query,
 )
+from steadysocket.runtime.manager import ServerError, WSError
 from steadysocket.runtime.transport import OpenFailed, TransportClosed
 
 __all__ = [
@@ -909,3 +910,22 @@ class LoopbackServer(ScriptedServer):
         record, ws = self._ws(record)
         record.finish("drop", 1006, "")
         ws.transport.abort()
+
+
+def failures_into(target: list[WSError]) -> Callable[[WSError | ServerError], None]:
+    """An ``on_error`` listener that keeps the connection failures (``WSError``).
+
+    The fake servers never send ``error`` messages, so a ``ServerError`` here would be a bug in
+    the test set-up: it is kept apart in ``unexpected_server_errors`` for the test to check.
+    """
+
+    def collect(error: WSError | ServerError) -> None:
+        if isinstance(error, WSError):
+            target.append(error)
+        else:
+            unexpected_server_errors.append(error)
+
+    return collect
+
+
+unexpected_server_errors: list[ServerError] = []

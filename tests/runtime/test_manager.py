@@ -12,9 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from contextlib import aclosing
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import pytest
 
@@ -29,6 +29,7 @@ from tests.runtime.fakes import (
     Script,
     ScriptedServer,
     VirtualClock,
+    failures_into,
 )
 
 MS = 0.001
@@ -94,8 +95,7 @@ def phase_of(m: WebSocketManager) -> Phase:
 
 async def first_message(m: WebSocketManager) -> dict[str, Any]:
     """The next message from ``m.messages()``, closing the iterator (which unsubscribes)."""
-    # messages() is an async generator, annotated as a plain AsyncIterator.
-    stream = cast("AsyncGenerator[dict[str, Any], None]", m.messages())
+    stream = m.messages()
     async with aclosing(stream):
         return await anext(stream)
 
@@ -234,7 +234,7 @@ def test_on_error_gets_a_wserror_with_kind_and_retryable(
     async def main() -> None:
         clock, _, m = rig(script)
         errors: list[WSError] = []
-        m.on_error(errors.append)
+        m.on_error(failures_into(errors))
         await m.connect()
         await clock.run_until_idle()
         assert phase_of(m) is phase
@@ -252,7 +252,7 @@ def test_on_error_hears_of_connect_timeouts_and_dead_peers() -> None:
     async def main() -> None:
         clock, server, m = rig(Script.silent())
         errors: list[WSError] = []
-        m.on_error(errors.append)
+        m.on_error(failures_into(errors))
         await m.connect()
         await clock.advance(1.0)
         assert phase_of(m) is Phase.FAILED
@@ -295,7 +295,7 @@ def test_an_opener_breaking_its_contract_is_a_failed_attempt_not_a_hang(
             environ={},
         )
         errors: list[WSError] = []
-        m.on_error(errors.append)
+        m.on_error(failures_into(errors))
         await m.connect()
         await clock.run_until_idle()
         assert phase_of(m) is Phase.FAILED
@@ -311,7 +311,7 @@ def test_an_opener_breaking_its_contract_is_a_failed_attempt_not_a_hang(
 def test_the_servers_error_messages_reach_on_error_as_server_errors() -> None:
     async def main() -> None:
         clock, server, m = rig()
-        errors: list[Exception] = []
+        errors: list[WSError | ServerError] = []
         m.on_error(errors.append)
         await m.connect()
         await clock.run_until_idle()
@@ -644,7 +644,7 @@ def test_regression_force_reconnect_late_close_of_the_old_socket_leaves_the_new_
     async def main() -> None:
         clock, server, m = rig(Script.accept(25_000, close_delay_ms=300))
         errors: list[WSError] = []
-        m.on_error(errors.append)
+        m.on_error(failures_into(errors))
         await m.connect()
         await clock.run_until_idle()
         old = server.connections[0]
@@ -912,7 +912,7 @@ def test_over_real_sockets_a_permanent_rejection_reaches_fallback_in_one_attempt
         async with LoopbackServer(script=script) as server:
             m = real_manager(server)
             errors: list[WSError] = []
-            m.on_error(errors.append)
+            m.on_error(failures_into(errors))
             await m.connect()
             await m.wait_for(Phase.FALLBACK, timeout=BOUND)
             assert m.get_state().stats.total_attempts == 1
@@ -943,7 +943,7 @@ def test_over_real_sockets_a_dropped_connection_reconnects() -> None:
             seen: list[Phase] = []
             m.on_state_change(lambda s: seen.append(s.phase))
             errors: list[WSError] = []
-            m.on_error(errors.append)
+            m.on_error(failures_into(errors))
             await m.connect()
             await m.wait_for(Phase.OPEN, timeout=BOUND)
             await server.drop()
@@ -968,7 +968,7 @@ def test_over_real_sockets_refused_then_back_up_recovers() -> None:
             await server.set_script(Script.refuse())
             m = real_manager(server, backoff_strategy=backoff((100,), max_attempts=50))
             errors: list[WSError] = []
-            m.on_error(errors.append)
+            m.on_error(failures_into(errors))
             await m.connect()
             await m.wait_for(Phase.FAILED, timeout=BOUND)
             await server.set_script(Script.late_hello(20))
@@ -985,7 +985,7 @@ def test_over_real_sockets_a_bad_hello_is_a_retryable_handshake_failure() -> Non
         async with LoopbackServer(script=Script.bad_hello()) as server:
             m = real_manager(server)
             errors: list[WSError] = []
-            m.on_error(errors.append)
+            m.on_error(failures_into(errors))
             await m.connect()
             await m.wait_for(Phase.FAILED, timeout=BOUND)
             assert [(e.kind, e.retryable) for e in errors] == [("handshake", True)]

@@ -81,6 +81,8 @@ from tests.runtime.fakes import (
     Script,
     ScriptedServer,
     VirtualClock,
+    failures_into,
+    unexpected_server_errors,
 )
 
 HEARTBEAT_MS = 1000
@@ -842,7 +844,7 @@ class ManagerMachine(RuleBasedStateMachine):
         self.m.on_state_change(lambda s: self._stamp_phase(s.phase))
         self.m.on_returned(lambda msgs: self.returned.extend(int(m["id"]) for m in msgs))
         self.m.on_message(lambda _: self._count_message())
-        self.m.on_error(self.errors.append)
+        self.m.on_error(failures_into(self.errors))
         self.model = ClientModel(params, self.server.script, self.clock.monotonic())
 
     def _count_message(self) -> None:
@@ -1082,6 +1084,10 @@ class ManagerMachine(RuleBasedStateMachine):
     def runtime_matches_model(self) -> None:
         if self.manager is not None:
             self.compare()
+
+    @invariant()
+    def no_unexpected_server_error_reached_on_error(self) -> None:
+        assert unexpected_server_errors == []
 
     @invariant()
     def at_most_one_connection_in_flight(self) -> None:
