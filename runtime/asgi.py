@@ -44,25 +44,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
-from datetime import datetime
-from typing import Any, Final
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any, Final, Unpack
 from urllib.parse import quote
 
 from steadysocket.model.protocol import CloseCode
 from steadysocket.model.server_session import (
     SHUTDOWN,
     ClientRoute,
-    ServerConfig,
     match_route,
 )
-from steadysocket.runtime.server import (
-    Endpoints,
-    MessageHandler,
-    _new_request_id,
-    _utc_now,
-    echo_handler,
-)
+from steadysocket.runtime.server import EndpointOptions, Endpoints
 
 __all__ = ["Message", "Receive", "Scope", "Send", "SteadyASGI"]
 
@@ -288,36 +280,8 @@ class SteadyASGI(Endpoints):
         TypeError: both ``config`` and individual settings were given.
     """
 
-    def __init__(
-        self,
-        *,
-        config: ServerConfig | None = None,
-        heartbeat_interval_ms: int | None = None,
-        connection_timeout_ms: int | None = None,
-        max_message_bytes: int | None = None,
-        allowed_origins: Iterable[str] | None = None,
-        max_connections: int | None = None,
-        rate_limit_messages: int | None = None,
-        rate_limit_window_ms: int | None = None,
-        environ: Mapping[str, str] | None = None,
-        default_handler: MessageHandler = echo_handler,
-        request_id_factory: Callable[[], str] = _new_request_id,
-        wall_clock: Callable[[], datetime] = _utc_now,
-    ) -> None:
-        super().__init__(
-            config=config,
-            heartbeat_interval_ms=heartbeat_interval_ms,
-            connection_timeout_ms=connection_timeout_ms,
-            max_message_bytes=max_message_bytes,
-            allowed_origins=allowed_origins,
-            max_connections=max_connections,
-            rate_limit_messages=rate_limit_messages,
-            rate_limit_window_ms=rate_limit_window_ms,
-            environ=environ,
-            default_handler=default_handler,
-            request_id_factory=request_id_factory,
-            wall_clock=wall_clock,
-        )
+    def __init__(self, **options: Unpack[EndpointOptions]) -> None:
+        super().__init__(**options)
         self._links: set[_ASGILink] = set()
         self._closing = False
 

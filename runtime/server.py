@@ -51,7 +51,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from ssl import SSLContext
 from types import TracebackType
-from typing import Any, Literal, Protocol, Self, TypeVar
+from typing import Any, Literal, Protocol, Self, TypedDict, TypeVar, Unpack
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -310,6 +310,23 @@ async def echo_handler(message: dict[str, Any], client: Client) -> None:
 # --------------------------------------------------------------------------------------------
 # Endpoints: hooks, push, and the per-connection pump, for any transport
 # --------------------------------------------------------------------------------------------
+
+
+class EndpointOptions(TypedDict, total=False):
+    """The keyword arguments of :class:`Endpoints`, which every transport adapter passes on."""
+
+    config: ServerConfig | None
+    heartbeat_interval_ms: int | None
+    connection_timeout_ms: int | None
+    max_message_bytes: int | None
+    allowed_origins: Iterable[str] | None
+    max_connections: int | None
+    rate_limit_messages: int | None
+    rate_limit_window_ms: int | None
+    environ: Mapping[str, str] | None
+    default_handler: MessageHandler
+    request_id_factory: Callable[[], str]
+    wall_clock: Callable[[], datetime]
 
 
 class Endpoints:
@@ -691,33 +708,9 @@ class SteadyServer(Endpoints):
         *,
         compression: Literal["deflate"] | None = "deflate",
         ssl: SSLContext | None = None,
-        config: ServerConfig | None = None,
-        heartbeat_interval_ms: int | None = None,
-        connection_timeout_ms: int | None = None,
-        max_message_bytes: int | None = None,
-        allowed_origins: Iterable[str] | None = None,
-        max_connections: int | None = None,
-        rate_limit_messages: int | None = None,
-        rate_limit_window_ms: int | None = None,
-        environ: Mapping[str, str] | None = None,
-        default_handler: MessageHandler = echo_handler,
-        request_id_factory: Callable[[], str] = _new_request_id,
-        wall_clock: Callable[[], datetime] = _utc_now,
+        **options: Unpack[EndpointOptions],
     ) -> None:
-        super().__init__(
-            config=config,
-            heartbeat_interval_ms=heartbeat_interval_ms,
-            connection_timeout_ms=connection_timeout_ms,
-            max_message_bytes=max_message_bytes,
-            allowed_origins=allowed_origins,
-            max_connections=max_connections,
-            rate_limit_messages=rate_limit_messages,
-            rate_limit_window_ms=rate_limit_window_ms,
-            environ=environ,
-            default_handler=default_handler,
-            request_id_factory=request_id_factory,
-            wall_clock=wall_clock,
-        )
+        super().__init__(**options)
         self.host = host
         self._requested_port = port
         self._compression = compression
