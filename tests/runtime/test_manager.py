@@ -1000,3 +1000,60 @@ def test_over_real_sockets_a_bad_hello_is_a_retryable_handshake_failure() -> Non
             )
 
     run(main)
+
+
+def test_a_send_that_blocks_past_the_send_timeout_is_a_dead_peer_and_the_message_is_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import steadysocket.runtime.manager as manager_module
+
+    monkeypatch.setattr(manager_module, "SEND_TIMEOUT_S", 0.05)
+    hello = (
+        '{"type":"hello","server_time":"2025-08-15T10:00:00.000Z","accepted_version":1,'
+        '"features":[],"request_id":"r","client_id":"stall","heartbeat_interval_ms":60000}'
+    )
+
+    class Stalling:
+        """Answers the hello, then never reads: every send blocks."""
+
+        def __init__(self) -> None:
+            self.frames = [hello]
+            self.never = asyncio.Event()
+
+        async def recv(self) -> str | bytes:
+            if self.frames:
+                return self.frames.pop()
+            await self.never.wait()
+            raise AssertionError("unreachable")
+
+        async def send(self, text: str) -> None:
+            await self.never.wait()
+
+        async def close(self, code: int, reason: str) -> None:
+            self.never.set()
+
+    async def opener(url: str) -> Stalling:
+        return Stalling()
+
+    async def main() -> None:
+        m = WebSocketManager(
+            "ws://127.0.0.1:1",
+            "stall",
+            opener=opener,
+            environ={},
+            fallback_probe_interval_ms=None,
+        )
+        errors: list[WSError] = []
+        m.on_error(failures_into(errors))
+        await m.connect()
+        await m.wait_for(Phase.OPEN, timeout=BOUND)
+        assert m.send({"type": "stuck", "id": 1})
+        await m.wait_for(Phase.RECONNECTING, Phase.FAILED, timeout=BOUND)
+        assert [e.kind for e in errors] == ["timeout"]
+        assert "send blocked" in str(errors[0])
+        state = m.get_state()
+        assert state.stats.messages_sent == 0
+        await m.disconnect()
+        assert [msg["id"] for msg in m.take_returned()] == [1]
+
+    run(main)
