@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import multiprocessing.connection
 import random
 import time
@@ -291,13 +292,14 @@ def _storm_client_main(
                     after = [t - since for t in mine if t >= since]
                     observed += after
                     first_retry = next(((t, d) for t, d in armed if t >= since), None)
-                    if first_retry is None:
-                        continue
                     # As a fleet of separate clients would dial: all notice the outage at
-                    # once; an immediate attempt at 0, then the first retry after its delay.
-                    if any(t < first_retry[0] - since for t in after):
+                    # once; an immediate attempt (one made before any retry was armed) at 0,
+                    # then the first retry after the delay its own backoff drew.
+                    retry_at = math.inf if first_retry is None else first_retry[0] - since
+                    if any(t < retry_at for t in after):
                         fleet.append(0.0)
-                    fleet.append(first_retry[1])
+                    if first_retry is not None:
+                        fleet.append(first_retry[1])
                 inbox.reply(
                     {
                         "attempts": observed,

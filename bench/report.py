@@ -27,6 +27,8 @@ class RunInfo:
     seconds: float
     others: float
     """Average cores others used during the whole run."""
+    commit: str = ""
+    """The commit measured, and what was modified in the working tree, at the start."""
 
 
 def _version(package: str) -> str:
@@ -58,7 +60,8 @@ def _memory() -> str:
     return "unknown"
 
 
-def _commit() -> str:
+def commit() -> str:
+    """The checked-out commit, and the tracked files modified in the working tree."""
     try:
         head = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
@@ -73,14 +76,18 @@ def _commit() -> str:
             text=True,
             timeout=10,
             check=True,
-        ).stdout.strip()
+        ).stdout.splitlines()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-    return head + (" (with uncommitted changes)" if dirty else "")
+    if not dirty:
+        return head
+    changed = [line[3:] for line in dirty]
+    listed = ", ".join(changed[:8]) + (", ..." if len(changed) > 8 else "")
+    return f"{head}, with uncommitted changes to {listed} (measured as they were)"
 
 
-def machine() -> list[tuple[str, str]]:
-    """What the figures were measured on."""
+def machine(measured: str = "") -> list[tuple[str, str]]:
+    """What the figures were measured on; ``measured`` is the commit noted at the start."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     return [
         ("cores", f"{os.cpu_count()} ({len(cpus())} usable), {_cpu_model()}"),
@@ -94,7 +101,7 @@ def machine() -> list[tuple[str, str]]:
                 for name in ("steadysocket", "websockets", "python-statemachine", "hypothesis")
             ),
         ),
-        ("commit", _commit()),
+        ("commit", measured or commit()),
         ("file descriptors", f"soft {soft:,}, hard {hard:,} (the suite raises soft to hard)"),
         ("ephemeral ports", _read("/proc/sys/net/ipv4/ip_local_port_range").replace("\t", "-")),
     ]
@@ -147,7 +154,7 @@ def document(sections: list[Section], info: RunInfo) -> str:
         f"- **Date**: {info.started.strftime('%Y-%m-%d %H:%M UTC')}, "
         f"{info.seconds / 60:.1f} minutes",
     ]
-    out += [f"- **{name.capitalize()}**: {value}" for name, value in machine()]
+    out += [f"- **{name.capitalize()}**: {value}" for name, value in machine(info.commit)]
     out.append(
         f"- **Others' load**: on average {info.others:.2f} cores of this machine were busy "
         "with work that was not the suite's (the machine is shared). Every figure carries "

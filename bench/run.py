@@ -26,7 +26,7 @@ from pathlib import Path
 
 from bench import capacity, client_path, handshakes, lifecycle, recovery
 from bench.common import OtherLoad, Row, Section, Sizes
-from bench.report import RunInfo, document, goals, now, section_markdown
+from bench.report import RunInfo, commit, document, goals, now, section_markdown
 
 BENCHMARKS: dict[str, Callable[[Sizes], Section]] = {
     "client_path": client_path.run,
@@ -111,6 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     library_logger.propagate = False
 
     sizes = Sizes(quick=args.quick)
+    measured = commit()
     started_at, started = now(), time.monotonic()
     other = OtherLoad()
     sections: list[Section] = []
@@ -141,6 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         started=started_at,
         seconds=time.monotonic() - started,
         others=other.cores(),
+        commit=measured,
     )
     if args.results is not None:
         _save(args.results, sections, info)
