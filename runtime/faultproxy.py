@@ -180,10 +180,13 @@ class FaultProxy:
         """Stop listening and end every connection."""
         if self._server is not None:
             self._server.close()
-            await self._server.wait_closed()
         self._stop.set()
         if self._supervisor is not None:
             await self._supervisor
+        # Only now: since Python 3.12 wait_closed() also waits for the accepted connections,
+        # which the supervisor has just ended.
+        if self._server is not None:
+            await self._server.wait_closed()
 
     async def __aenter__(self) -> Self:
         await self.start()
