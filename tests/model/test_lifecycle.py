@@ -1,9 +1,14 @@
-"""The lifecycle declaration: strictness, phases, and one generated test per declared transition."""
+"""The lifecycle declaration against a reviewed expectation, row by row.
+
+The expectation (``tests/model/lifecycle_expectation.py``) is written apart from
+``model/lifecycle.py``. The generated tests compare every declared transition with it, and
+every (phase, event, inputs) the expectation does not list must raise, so a transition that
+is changed, added or deleted in one place only fails here.
+"""
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import get_args
 
 import pytest
@@ -21,54 +26,144 @@ from steadysocket.model.effects import (
 from steadysocket.model.graph import Row, rows
 from steadysocket.model.lifecycle import Lifecycle, phases
 from steadysocket.model.snapshot import Phase
+from tests.model.lifecycle_expectation import (
+    ALL_INPUTS,
+    EVENTS,
+    EXPECTED,
+    Expect,
+    Inputs,
+    expected,
+    groups,
+)
 
 MAX_ATTEMPTS = 3
+CONNECT_MS = 10_000.0
+STABLE_MS = 5_000.0
+PROBE_MS = 60_000.0
+HEARTBEAT_MS = 1_000.0
+FIRST_RETRY_MS = 1_000.0
 
 
 def _machine(phase: Phase = Phase.IDLE, attempts: int = 0) -> Lifecycle:
     backoff = BackoffStrategy(
-        base_delays_ms=(1000, 2000), jitter_ratio=0.0, max_attempts=MAX_ATTEMPTS
+        base_delays_ms=(FIRST_RETRY_MS, 2000), jitter_ratio=0.0, max_attempts=MAX_ATTEMPTS
     )
     return Lifecycle(
-        backoff=backoff, heartbeat_interval_ms=1000, start_phase=phase, attempts=attempts
+        backoff=backoff,
+        connection_timeout_ms=CONNECT_MS,
+        stable_after_ms=STABLE_MS,
+        fallback_probe_interval_ms=PROBE_MS,
+        heartbeat_interval_ms=HEARTBEAT_MS,
+        start_phase=phase,
+        attempts=attempts,
     )
 
 
-# The guards' meanings, in terms of the inputs a test controls. A guard missing here fails the
-# generated tests, so a new guard cannot slip in untested.
-Env = Mapping[str, object]
-GUARDS: dict[str, Callable[[Env], bool]] = {
-    "is_retryable": lambda env: bool(env["retryable"]),
-    "is_graceful": lambda env: bool(env["graceful"]),
-    "has_attempts_left": lambda env: int(str(env["attempts"])) < MAX_ATTEMPTS,
+# The guards' meanings in terms of the inputs. A guard missing here fails the generated tests,
+# so a new guard cannot slip in unreviewed.
+GUARDS: dict[str, Callable[[Inputs], bool]] = {
+    "is_retryable": lambda inputs: inputs.retryable,
+    "is_graceful": lambda inputs: inputs.graceful,
+    "has_attempts_left": lambda inputs: inputs.attempts_left,
 }
-ENVIRONMENTS: list[dict[str, object]] = [
-    {"retryable": r, "graceful": g, "attempts": a}
-    for r, g, a in itertools.product((True, False), (True, False), (1, MAX_ATTEMPTS))
-]
 
 
-def _holds(guard: str, env: Env) -> bool:
+def _holds(guard: str, inputs: Inputs) -> bool:
     if not guard:
         return True
     return all(
-        not GUARDS[term[4:]](env) if term.startswith("not ") else GUARDS[term](env)
+        not GUARDS[term[4:]](inputs) if term.startswith("not ") else GUARDS[term](inputs)
         for term in guard.split(" and ")
     )
 
 
-def _environment_selecting(row: Row) -> Env:
-    """Inputs under which this row, and no earlier row for the same source and event, applies."""
+def _inputs_selecting(row: Row) -> list[Inputs]:
+    """Inputs under which this row, and no earlier row for its source and event, applies."""
     earlier = [
         r for r in ROWS if (r.source, r.event) == (row.source, row.event) and r.order < row.order
     ]
-    for env in ENVIRONMENTS:
-        if _holds(row.guard, env) and not any(_holds(r.guard, env) for r in earlier):
-            return env
-    raise AssertionError(f"{row.id} can never be selected: an earlier guard always wins")
+    return [
+        inputs
+        for inputs in ALL_INPUTS
+        if _holds(row.guard, inputs) and not any(_holds(r.guard, inputs) for r in earlier)
+    ]
+
+
+def _resolved(expect: Expect, attempts_before: int) -> tuple[list[Effect], int]:
+    """The effects a machine built by ``_machine`` should hand out for ``expect``, with every
+    number filled in by hand, and its attempt counter afterwards."""
+    attempts = attempts_before
+    out: list[Effect] = []
+    for effect in expect.effects:
+        match effect:
+            case ResetBackoff():
+                attempts = 0
+            case OpenSocket(probe=probe):
+                attempts += 0 if probe else 1
+                effect = OpenSocket(probe=probe, attempt=attempts)
+            case StartTimer(timer=timer, heartbeats=heartbeats):
+                delay = {
+                    Timer.CONNECT: CONNECT_MS,
+                    Timer.RETRY: FIRST_RETRY_MS,
+                    Timer.STABLE: STABLE_MS,
+                    Timer.PROBE: PROBE_MS,
+                    Timer.HEARTBEAT: (heartbeats or 0.0) * HEARTBEAT_MS,
+                }[timer]
+                effect = StartTimer(timer, delay, heartbeats)
+        out.append(effect)
+    return out, attempts
+
+
+def _check_against_expectation(source: Phase, event: str, inputs: Inputs) -> None:
+    attempts = 1 if inputs.attempts_left else MAX_ATTEMPTS
+    machine = _machine(source, attempts=attempts)
+    expect = expected(source, event, inputs)
+    where = f"{source} --{event}--> with {inputs}"
+    if expect is None:
+        with pytest.raises(TransitionNotAllowed):
+            machine.send(event, retryable=inputs.retryable, graceful=inputs.graceful)
+        assert machine.phase is source, where
+        assert machine.drain() == [], where
+        return
+    machine.send(event, retryable=inputs.retryable, graceful=inputs.graceful)
+    effects, attempts_after = _resolved(expect, attempts)
+    assert machine.phase is expect.target, where
+    assert machine.drain() == effects, where
+    assert machine.attempts == attempts_after, where
 
 
 ROWS = rows()
+EXPECTED_GROUPS = sorted({(e.source, e.event) for e in EXPECTED})
+
+
+def test_the_expectation_names_every_declared_event_and_is_unambiguous() -> None:
+    assert set(EVENTS) == {str(event) for event in Lifecycle.events}
+    for source, event in groups():
+        # expected() asserts that at most one row matches.
+        listed = [expected(source, event, inputs) for inputs in ALL_INPUTS]
+        if (source, event) in EXPECTED_GROUPS:
+            assert None not in listed, f"{source} {event}: some inputs have no row"
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[row.id for row in ROWS])
+def test_declared_transition(row: Row) -> None:
+    """Generated: each declared transition is the reviewed expectation's, for every input
+    that selects it, in its declared effects and in what the machine hands out."""
+    selecting = _inputs_selecting(row)
+    assert selecting, f"{row.id} can never be selected: an earlier guard always wins"
+    for inputs in selecting:
+        expect = expected(row.source, row.event, inputs)
+        assert expect is not None, f"{row.id} with {inputs} is not in the expectation"
+        assert row.target is expect.target, f"{row.id} with {inputs}"
+        assert row.effects == expect.effects, f"{row.id} with {inputs}"
+        _check_against_expectation(row.source, row.event, inputs)
+
+
+@pytest.mark.parametrize(("source", "event"), list(groups()), ids=[f"{s}-{e}" for s, e in groups()])
+def test_every_phase_event_and_input_behaves_as_expected(source: Phase, event: str) -> None:
+    """Generated over every pair, declared or not: a deleted transition fails here."""
+    for inputs in ALL_INPUTS:
+        _check_against_expectation(source, event, inputs)
 
 
 def test_the_phases_are_the_seven_of_the_seed_in_order() -> None:
@@ -125,32 +220,32 @@ def test_invalid_configuration_is_a_clear_error() -> None:
         Lifecycle(fallback_probe_interval_ms=-1)
 
 
+@pytest.mark.parametrize(
+    ("option", "smallest_valid", "largest_invalid"),
+    [
+        ("connection_timeout_ms", 0.001, 0.0),
+        ("stable_after_ms", 0.0, -0.001),
+        ("fallback_probe_interval_ms", 0.001, 0.0),
+    ],
+)
+def test_configuration_bounds_are_exact(
+    option: str, smallest_valid: float, largest_invalid: float
+) -> None:
+    """Validation bounds: each option's edge is accepted or refused exactly as documented."""
+    with pytest.raises(ValueError, match=f"{option} must be"):
+        Lifecycle(**{option: largest_invalid})
+    assert getattr(Lifecycle(**{option: smallest_valid}), option) == smallest_valid
+
+
+def test_a_stable_period_of_zero_arms_an_immediate_stable_timer() -> None:
+    machine = Lifecycle(stable_after_ms=0, start_phase=Phase.CONNECTING, attempts=1)
+    machine.send("handshake_succeeded")
+    assert StartTimer(Timer.STABLE, 0.0) in machine.drain()
+
+
 def test_every_declared_transition_carries_declared_effects_or_none() -> None:
     silent = [row.id for row in ROWS if not row.effects]
     assert silent == ["idle-disconnect-idle"]
-
-
-@pytest.mark.parametrize("row", ROWS, ids=[row.id for row in ROWS])
-def test_declared_transition(row: Row) -> None:
-    """Generated: each declared transition fires under its guard and emits its effects."""
-    env = _environment_selecting(row)
-    attempts = int(str(env["attempts"])) if row.source is not Phase.IDLE else 0
-    machine = _machine(row.source, attempts=attempts)
-    machine.send(row.event, retryable=env["retryable"], graceful=env["graceful"])
-    assert machine.phase is row.target
-    emitted = machine.drain()
-    assert [type(e) for e in emitted] == [type(e) for e in row.effects]
-    for declared, resolved in zip(row.effects, emitted, strict=True):
-        if isinstance(declared, StartTimer):
-            assert isinstance(resolved, StartTimer)
-            assert resolved.timer is declared.timer
-            assert resolved.delay_ms is not None
-            assert resolved.delay_ms > 0
-        elif isinstance(declared, OpenSocket):
-            assert isinstance(resolved, OpenSocket)
-            assert resolved.probe is declared.probe
-        else:
-            assert resolved == declared
 
 
 def test_an_attempt_counts_and_a_reset_starts_the_outage_again() -> None:
