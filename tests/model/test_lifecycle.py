@@ -9,7 +9,7 @@ is changed, added or deleted in one place only fails here.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import get_args
+from typing import Any, get_args
 
 import pytest
 from statemachine.exceptions import TransitionNotAllowed
@@ -137,7 +137,7 @@ EXPECTED_GROUPS = sorted({(e.source, e.event) for e in EXPECTED})
 
 
 def test_the_expectation_names_every_declared_event_and_is_unambiguous() -> None:
-    assert set(EVENTS) == {str(event) for event in Lifecycle.events}
+    assert set(EVENTS) == {row.event for row in ROWS}
     for source, event in groups():
         # expected() asserts that at most one row matches.
         listed = [expected(source, event, inputs) for inputs in ALL_INPUTS]
@@ -232,9 +232,11 @@ def test_configuration_bounds_are_exact(
     option: str, smallest_valid: float, largest_invalid: float
 ) -> None:
     """Validation bounds: each option's edge is accepted or refused exactly as documented."""
+    invalid: dict[str, Any] = {option: largest_invalid}
+    valid: dict[str, Any] = {option: smallest_valid}
     with pytest.raises(ValueError, match=f"{option} must be"):
-        Lifecycle(**{option: largest_invalid})
-    assert getattr(Lifecycle(**{option: smallest_valid}), option) == smallest_valid
+        Lifecycle(**invalid)
+    assert getattr(Lifecycle(**valid), option) == smallest_valid
 
 
 def test_a_stable_period_of_zero_arms_an_immediate_stable_timer() -> None:
