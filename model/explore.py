@@ -45,6 +45,10 @@ class Invariant(StrEnum):
     NO_STUCK_PHASE = "every phase but idle and open has an exit that needs no server"
     RECOVERS_WHEN_UP = "with the server up for good, every state leads to open"
     IO_EVENTS_ACCEPTED = "every event the world can produce is accepted or filtered"
+    FRESH_FORCE_RECONNECT = "force_reconnect() from any phase starts exactly one fresh attempt"
+    GRACEFUL_WITHOUT_BACKOFF = (
+        "a graceful close from open or degraded reconnects without a backoff step"
+    )
 
 
 class Server(StrEnum):
@@ -297,7 +301,9 @@ class Explorer:
         if event is not None:
             if inp in USER_INPUTS and not machine.can(event):
                 # The runtime treats a user action the phase cannot take as a no-op.
-                return Step(world, None, world.phase, (), ())
+                if inp is Input.FORCE_RECONNECT:
+                    problems.append((Invariant.FRESH_FORCE_RECONNECT, f"ignored in {world.phase}"))
+                return Step(world, None, world.phase, (), tuple(problems))
             try:
                 machine.send(event, **kwargs)
             except TransitionNotAllowed:
@@ -331,6 +337,25 @@ class Explorer:
                 case CancelTimer(timer=timer):
                     timers.discard(timer)
         phase = machine.phase
+        if inp is Input.FORCE_RECONNECT:
+            problems.extend(self._fresh_attempt_problems(effects, phase, socket, timers))
+        if (
+            inp is Input.GOING_AWAY
+            and world.phase in {Phase.OPEN, Phase.DEGRADED}
+            and world.attempts < self.config.max_attempts
+            and (
+                phase is not Phase.RECONNECTING
+                or not any(isinstance(e, OpenSocket) for e in effects)
+                or Timer.RETRY in timers
+            )
+        ):
+            problems.append(
+                (
+                    Invariant.GRACEFUL_WITHOUT_BACKOFF,
+                    f"{event}: went to {phase} with timers {sorted(timers)} instead of "
+                    "reconnecting at once",
+                )
+            )
         if machine.attempts > self.config.max_attempts:
             problems.append(
                 (Invariant.ATTEMPTS_BOUNDED, f"{event}: attempt {machine.attempts} started")
@@ -350,6 +375,27 @@ class Explorer:
             )
         after = World(phase, machine.attempts, socket, frozenset(timers), world.server, stopped)
         return Step(after, event, world.phase, effects, tuple(problems))
+
+    @staticmethod
+    def _fresh_attempt_problems(
+        effects: tuple[Effect, ...], phase: Phase, socket: Socket, timers: set[Timer]
+    ) -> list[tuple[Invariant, str]]:
+        """FRESH_FORCE_RECONNECT: one counted attempt, numbered 1, and nothing else pending."""
+        attempts = [e.attempt for e in effects if isinstance(e, OpenSocket) and not e.probe]
+        if (
+            attempts == [1]
+            and phase is Phase.CONNECTING
+            and socket is Socket.DIALING
+            and timers == {Timer.CONNECT}
+        ):
+            return []
+        return [
+            (
+                Invariant.FRESH_FORCE_RECONNECT,
+                f"force_reconnect: attempts opened {attempts}, then {phase} with the socket "
+                f"{socket} and timers {sorted(timers)}",
+            )
+        ]
 
     def world_problems(self, world: World) -> list[tuple[Invariant, str]]:
         """The per-state invariants."""

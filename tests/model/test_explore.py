@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import pytest
 
-from steadysocket.model.effects import Effect, OpenSocket, StartTimer, Timer
+from steadysocket.model.effects import Effect, OpenSocket, ResetBackoff, StartTimer, Timer
 from steadysocket.model.explore import (
     DEFAULT_CONFIGS,
     Config,
@@ -21,7 +21,7 @@ from steadysocket.model.explore import (
     initial_world,
 )
 from steadysocket.model.graph import rows
-from steadysocket.model.lifecycle import ATTEMPT_ABANDONED, Lifecycle
+from steadysocket.model.lifecycle import ATTEMPT_ABANDONED, CLIENT_RECONNECT, Lifecycle
 from steadysocket.model.snapshot import Phase
 
 Summary = Callable[[str, str], None]
@@ -101,6 +101,40 @@ class IgnoresDisconnect(Lifecycle):
         return super().resolve(effect)
 
 
+class IdleIgnoresForceReconnect(Lifecycle):
+    """Behaves as if ``idle --force_reconnect--> connecting`` were deleted: the application's
+    call does nothing in idle."""
+
+    def can(self, event: str) -> bool:
+        if event == "force_reconnect" and self.phase is Phase.IDLE:
+            return False
+        return super().can(event)
+
+
+class ForceReconnectKeepsTheCount(Lifecycle):
+    """force_reconnect() starts its attempt without resetting the outage's counter."""
+
+    def resolve(self, effect: Effect) -> Effect | None:
+        if isinstance(effect, ResetBackoff) and self._outbox[-1:] == [CLIENT_RECONNECT]:
+            return None
+        return super().resolve(effect)
+
+
+class DegradedGracefulWaits(Lifecycle):
+    """Behaves as if ``degraded --connection_lost[is_graceful]--> reconnecting`` were deleted:
+    a graceful 1001 while degraded waits a full backoff step."""
+
+    def is_graceful(self, graceful: bool) -> bool:
+        return graceful and self.phase is not Phase.DEGRADED
+
+
+class OpenGracefulWaits(Lifecycle):
+    """Never treats a close as graceful: a 1001 from open waits a backoff step too."""
+
+    def is_graceful(self, graceful: bool) -> bool:
+        return False
+
+
 @pytest.mark.parametrize(
     ("variant", "invariant"),
     [
@@ -109,6 +143,10 @@ class IgnoresDisconnect(Lifecycle):
         (LeavesFailedAttemptOpen, Invariant.ONE_IN_FLIGHT),
         (GivesUpEarly, Invariant.ATTEMPTS_BOUNDED),
         (IgnoresDisconnect, Invariant.DISCONNECT_REACHES_IDLE),
+        (IdleIgnoresForceReconnect, Invariant.FRESH_FORCE_RECONNECT),
+        (ForceReconnectKeepsTheCount, Invariant.FRESH_FORCE_RECONNECT),
+        (DegradedGracefulWaits, Invariant.GRACEFUL_WITHOUT_BACKOFF),
+        (OpenGracefulWaits, Invariant.GRACEFUL_WITHOUT_BACKOFF),
     ],
     ids=lambda v: getattr(v, "__name__", str(v)),
 )
