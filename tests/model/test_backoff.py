@@ -316,3 +316,63 @@ def test_bounds_for_repeats_the_last_base_delay() -> None:
     strategy = BackoffStrategy(seed=1)
     assert strategy.bounds_for(0) == (800.0, 1200.0)
     assert strategy.bounds_for(4) == strategy.bounds_for(20) == (9600.0, 14400.0)
+
+
+# -- distribution and exact bounds (mutation survivors) ---------------------------------------
+
+
+def test_splitmix64_draws_cover_the_whole_unit_interval_evenly() -> None:
+    """A fixed seed, 4,000 draws: every tenth of [0, 1) gets its share (600 is over 8
+    standard deviations from the mean of 400), so a generator that halved its range or
+    leaned to one side fails."""
+    generator = SplitMix64(20250815)
+    deciles = [0] * 10
+    for _ in range(4000):
+        deciles[int(generator.random() * 10)] += 1
+    assert min(deciles) > 250
+    assert max(deciles) < 600
+
+
+def test_jittered_delays_fall_on_both_sides_of_the_base_delay() -> None:
+    """The jitter lengthens as often as it shortens: with a fixed seed, 2,000 draws around a
+    1000 ms base split about evenly and reach close to both ends of the ±20 % range."""
+    strategy = BackoffStrategy(base_delays_ms=(1000,), jitter_ratio=0.2, max_attempts=1, seed=7)
+    delays: list[float] = []
+    for _ in range(2000):
+        strategy.reset()
+        delay = strategy.next_delay()
+        assert delay is not None
+        delays.append(delay)
+    longer = sum(d > 1000 for d in delays)
+    assert 850 < longer < 1150
+    assert min(delays) < 810
+    assert max(delays) > 1190
+    assert all(800 <= d <= 1200 for d in delays)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        pytest.param({"base_delays_ms": [0]}, id="zero-base-delay"),
+        pytest.param({"cap_delay_ms": 0}, id="zero-cap"),
+        pytest.param({"jitter_ratio": 0.0}, id="ratio-zero"),
+        pytest.param({"jitter_ratio": 1.0}, id="ratio-one"),
+        pytest.param({"max_attempts": 1}, id="one-attempt"),
+    ],
+)
+def test_the_edges_of_the_valid_configuration_are_accepted(kwargs: dict[str, Any]) -> None:
+    """Validation bounds: each documented edge is valid, one step past it is not (above)."""
+    strategy = BackoffStrategy(seed=1, **kwargs)
+    assert strategy.next_delay() is not None
+
+
+def test_zero_delays_are_raised_to_the_floor() -> None:
+    strategy = BackoffStrategy(base_delays_ms=[0], cap_delay_ms=0, jitter_ratio=1.0, seed=3)
+    assert strategy.next_delay() == 100.0
+
+
+def test_splitmix64_repr_shows_its_state() -> None:
+    generator = SplitMix64(1)
+    assert repr(generator) == "SplitMix64(state=0x0000000000000001)"
+    generator.next_uint64()
+    assert repr(generator) == "SplitMix64(state=0x9e3779b97f4a7c16)"
