@@ -1331,3 +1331,71 @@ def test_client_core_rejects_a_non_positive_connection_timeout() -> None:
     config = ClientConfig(base_url=BASE_URL, client_id=CLIENT_ID, connection_timeout_ms=0)
     with pytest.raises(ValueError, match="connection_timeout_ms must be > 0"):
         ClientCore(config, FakeClock())
+
+
+# -- timer bookkeeping and the fallback reason (mutation survivors) ---------------------------
+
+
+@pytest.mark.parametrize("timer", [Timer.CONNECT, Timer.RETRY, Timer.PROBE, Timer.STABLE])
+def test_a_timer_that_fired_is_no_longer_pending_or_due(timer: Timer) -> None:
+    """Timer bookkeeping after a timer fires: no stale due time is left behind."""
+    rt = client()
+    if timer is Timer.RETRY:
+        rt.connect()
+        rt.fail(REFUSED)
+    elif timer is Timer.PROBE:
+        to_fallback(rt)
+    elif timer is Timer.STABLE:
+        rt.connect()
+        rt.hello()
+    else:
+        rt.connect()
+    assert rt.core.timer_due(timer) is not None
+
+    rt.fire(timer)
+
+    assert timer not in rt.core.pending_timers
+    assert rt.core.timer_due(timer) is None
+
+
+def test_a_rearmed_watchdog_is_due_at_its_new_time_only() -> None:
+    rt = heartbeat_client()
+    rt.clock.advance(2.0)
+    rt.receive(json.dumps({"type": "chat"}))
+    rt.fire(Timer.HEARTBEAT)
+    assert rt.core.timer_due(Timer.HEARTBEAT) == 5.0
+
+
+def test_a_watchdog_firing_early_in_degraded_rearms_for_the_rest_of_the_silence() -> None:
+    """A timer the runtime fired before its deadline (a coarse clock) is not a dead peer."""
+    rt = heartbeat_client()
+    rt.fire(Timer.HEARTBEAT)
+    assert rt.phase() is Phase.DEGRADED
+    token, _ = rt.timers.pop(Timer.HEARTBEAT)
+    rt.clock.advance(1.5)
+
+    effects = rt.apply(rt.core.timer_fired(Timer.HEARTBEAT, token))
+
+    assert rt.phase() is Phase.DEGRADED
+    assert plain(effects) == [StartTimer(Timer.HEARTBEAT, 500.0)]
+    assert rt.core.timer_due(Timer.HEARTBEAT) == 5.0
+
+
+@pytest.mark.parametrize("how", ["refused", "connect timeout", "rejected"])
+def test_failed_probes_keep_the_reason_fallback_was_entered_with(how: str) -> None:
+    """The fallback reason names what ended the outage, not the latest probe's failure."""
+    rt = client()
+    to_fallback(rt)
+    reason = rt.core.fallback_reason
+    assert reason is not None
+    assert "4401" in reason
+
+    for _ in range(2):
+        rt.fire(Timer.PROBE)
+        if how == "connect timeout":
+            rt.fire(Timer.CONNECT)
+        else:
+            rt.fail(REFUSED if how == "refused" else CloseFailure(1008, "Invalid client_id"))
+        assert rt.phase() is Phase.FALLBACK
+        assert rt.core.fallback_reason == reason
+        assert rt.core.snapshot().fallback_reason == reason
