@@ -56,6 +56,7 @@ from steadysocket.model.protocol import (
     make_ping,
     make_pong,
 )
+from steadysocket.model.server_session import DEFAULT_MAX_MESSAGE_BYTES
 from steadysocket.model.snapshot import (
     AttemptOutcome,
     ConnectionAttempt,
@@ -107,12 +108,16 @@ class ClientConfig:
     fallback_probe_interval_ms: float | None = 60_000
     stable_after_ms: float = 5_000
     send_queue_limit: int = 1000
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    """The largest encoded message ``send()`` accepts; the server's default limit."""
 
     def __post_init__(self) -> None:
         if not self.client_id:
             raise ValueError("client_id must be a non-empty string")
         if self.send_queue_limit < 0:
             raise ValueError(f"send_queue_limit must be >= 0, got {self.send_queue_limit!r}")
+        if self.max_message_bytes < 1:
+            raise ValueError(f"max_message_bytes must be >= 1, got {self.max_message_bytes!r}")
         # Raises ValueError with the reason for a malformed URL.
         build_client_url(self.base_url, self.client_id, self.version, self.role)
 
@@ -163,7 +168,8 @@ class ClientCore:
         self._next_token = 0
         self._timer_due: dict[Timer, float] = {}
 
-        self.queue: deque[dict[str, Any]] = deque()
+        self.queue: deque[str] = deque()
+        """Encoded messages accepted while no connection is open, oldest first."""
         self.hello: Hello | None = None
         self.fallback_reason: str | None = None
         self.last_failure: Failure | None = None
@@ -412,28 +418,51 @@ class ClientCore:
         """A client ping, counted in ``heartbeats_sent`` once the runtime sends it."""
         return make_ping(self.clock.now()).serialize()
 
-    def stamp(self, message: Mapping[str, Any]) -> dict[str, Any]:
-        """A copy of ``message`` with a ``timestamp`` added if it has none."""
+    def prepare(self, message: Mapping[str, Any]) -> str:
+        """Encode an application message for the wire, adding a ``timestamp`` if it has none.
+
+        This is where a message is validated, once, before anything accepts it.
+
+        Raises:
+            TypeError: ``message`` is not a mapping, or holds a value JSON cannot encode (a
+                ``datetime``, a function, a non-string key...).
+            ValueError: a value is NaN or infinite, the structure is circular or nested too
+                deeply, or the encoded text is longer than ``max_message_bytes``.
+        """
         if not isinstance(message, Mapping):
             raise TypeError(f"a message must be a mapping, got {type(message).__name__}")
-        stamped = dict(message)
-        if "timestamp" not in stamped:
-            stamped["timestamp"] = format_timestamp(self.clock.now())
-        return stamped
+        if "timestamp" not in message:
+            # The only copy on this path, and only when the timestamp is missing.
+            message = {**message, "timestamp": format_timestamp(self.clock.now())}
+        try:
+            text = encode(message)
+        except TypeError as exc:
+            raise TypeError(f"message cannot be encoded as JSON: {exc}") from None
+        except RecursionError:
+            raise ValueError("message cannot be encoded as JSON: nested too deeply") from None
+        except ValueError as exc:
+            raise ValueError(f"message cannot be encoded as JSON: {exc}") from None
+        # ASCII-only JSON (ensure_ascii): the length is the size in bytes.
+        if len(text) > self.config.max_message_bytes:
+            raise ValueError(
+                f"message is {len(text)} bytes encoded, over max_message_bytes "
+                f"({self.config.max_message_bytes})"
+            )
+        return text
 
-    def offer(self, message: dict[str, Any]) -> Offer:
-        """Decide what happens to an outgoing message in the current phase."""
+    def offer(self, text: str) -> Offer:
+        """Decide what happens to an encoded outgoing message in the current phase."""
         phase = self.phase
         if phase in SENDING_PHASES:
             return Offer.SEND
         if phase in QUEUEING_PHASES:
             if len(self.queue) >= self.config.send_queue_limit:
                 return Offer.REFUSED_FULL
-            self.queue.append(message)
+            self.queue.append(text)
             return Offer.QUEUED
         return Offer.REFUSED_PHASE
 
-    def requeue(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def requeue(self, messages: list[str]) -> list[str]:
         """Put unsent messages back at the front of the queue, in order, when the phase queues.
 
         Returns those that could not be kept (phase or limit), for the application.
@@ -445,16 +474,11 @@ class ClientCore:
         self.queue.extendleft(reversed(kept))
         return rest
 
-    def take_queue(self) -> list[dict[str, Any]]:
+    def take_queue(self) -> list[str]:
         """Empty the queue (for FlushQueue or ReturnQueue)."""
         items = list(self.queue)
         self.queue.clear()
         return items
-
-    @staticmethod
-    def encode(message: Mapping[str, Any]) -> str:
-        """Compact JSON for the wire."""
-        return encode(message)
 
     # -- the machine -----------------------------------------------------------------------
 

@@ -315,11 +315,16 @@ def _check_type(cls: type[_Message], data: Mapping[str, Any]) -> None:
         raise InvalidMessage(f"expected a {cls.TYPE!s} message, got type {_short_repr(kind)}")
 
 
+# allow_nan=False: NaN/Infinity are not JSON and other peers' parsers reject them.
+# ensure_ascii stays on: a lone surrogate decoded from a peer's "\ud800" escape could not be
+# encoded as UTF-8 for the frame, while its \u escape always can. It also makes the text's
+# length its size in bytes on the wire. One encoder for every message: json.dumps() with
+# arguments builds a new JSONEncoder per call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
 def _dumps(obj: Any) -> str:
-    # allow_nan=False: NaN/Infinity are not JSON and other peers' parsers reject them.
-    # ensure_ascii stays on: a lone surrogate decoded from a peer's "\ud800" escape could not be
-    # encoded as UTF-8 for the frame, while its \u escape always can.
-    return json.dumps(obj, separators=(",", ":"), allow_nan=False)
+    return _ENCODER.encode(obj)
 
 
 # --------------------------------------------------------------------------------------------
@@ -731,7 +736,7 @@ def encode(message: Mapping[str, Any]) -> str:
         TypeError: a value is not JSON-serializable.
         ValueError: a value is NaN or infinite, or the structure is circular.
     """
-    return _dumps(dict(message))
+    return _ENCODER.encode(message if isinstance(message, dict) else dict(message))
 
 
 # --------------------------------------------------------------------------------------------

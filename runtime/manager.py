@@ -3,33 +3,46 @@
 Every lifecycle decision is the model's. The manager feeds ``ClientCore`` what happened and
 carries out the effects it returns: open a socket, close one, arm or cancel a timer, send a ping,
 flush or hand back the queue. Handlers are synchronous and asyncio runs one task at a time, so
-an event and its effects are applied together with nothing in between: no locks, no inbox.
+an event and its effects are applied together with nothing in between.
 
-Tasks: ``connect()`` starts one supervisor task that owns an ``asyncio.TaskGroup``; every
+Concurrency: the public coroutines (``connect``, ``disconnect``, ``force_reconnect``,
+``destroy``) take one lock, so two calls never interleave their steps. Each runs to the end
+before the next starts, in the order they were called; a state listener that schedules
+``connect()`` while ``disconnect()`` runs gets its turn after the disconnect has finished.
+
+Tasks: while the manager is in use, one supervisor task owns an ``asyncio.TaskGroup``; every
 socket, timer and close runs in that group. ``disconnect()`` cancels them through the model's
-effects and then ends the group, so no task or socket outlives it.
+effects, then stops the supervisor and waits for it, so no task or socket outlives it. A new
+supervisor starts only after the old one has ended (the handoff in ``_ensure_supervisor``).
 
-The message path does not touch the state machine: a received frame costs a JSON decode, a few
-counter updates and the listener calls; ``send()`` appends to a deque that one writer task per
-connection drains.
+The message path does not touch the state machine. ``send()`` validates and encodes a message
+once, and appends the text to a bounded buffer that one writer task per connection drains,
+control frames (pongs, pings) first. A received frame costs a JSON decode, a few counter
+updates and the listener calls.
+
+Delivery (protocol v1, at most once): a message ``send()`` accepted ends in exactly one place:
+written once to a socket (counted in ``messages_sent``), still queued, or handed back through
+``on_returned`` / ``take_returned()``. A frame counts as written once the transport took it into
+its buffer; if the connection then drops, it may be lost, and it is never sent again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import random
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 from steadysocket.model.backoff import BackoffStrategy
-from steadysocket.model.classify import ErrorFailure, ErrorKind, Failure, classify
+from steadysocket.model.classify import CloseFailure, ErrorFailure, ErrorKind, Failure, classify
 from steadysocket.model.client import ClientConfig, ClientCore, Offer
 from steadysocket.model.effects import (
     CancelTimer,
@@ -42,6 +55,7 @@ from steadysocket.model.effects import (
     StartTimer,
     Timer,
 )
+from steadysocket.model.server_session import DEFAULT_MAX_MESSAGE_BYTES
 from steadysocket.model.snapshot import Phase, WSState
 from steadysocket.runtime.transport import (
     Opener,
@@ -56,7 +70,15 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_URL = "ws://localhost:8000"
 CLOSE_TIMEOUT_S = 2.0
+"""How long a closing handshake may take; then the connection is aborted."""
 SEND_TIMEOUT_S = 10.0
+"""How long one write may stay blocked by a peer that stopped reading: then it is dead."""
+DEFAULT_SEND_BUFFER_BYTES = 4 * DEFAULT_MAX_MESSAGE_BYTES
+"""Bytes ``send()`` accepts while open that may wait for the writer (``send_buffer_bytes``)."""
+DEFAULT_STREAM_BUFFER = 1000
+"""Messages one ``messages()`` stream holds for a slow consumer before it drops new ones."""
+
+_T = TypeVar("_T")
 
 Sleep = Callable[[float], Awaitable[None]]
 StateListener = Callable[[WSState], None]
@@ -116,6 +138,98 @@ def _env_flag(environ: Mapping[str, str], name: str, default: bool) -> bool:
     raise ValueError(f"{name} must be true or false (or 1/0), got {raw!r}")
 
 
+def _failure_of(exc: BaseException) -> CloseFailure | ErrorFailure:
+    """How a connection ended, from what its transport raised.
+
+    ``TransportClosed`` is the Transport contract; anything else (a custom transport's bug)
+    ends the connection as a failure too, never the manager.
+    """
+    if isinstance(exc, TransportClosed):
+        return exc.failure
+    return ErrorFailure(ErrorKind.OTHER, f"{type(exc).__name__}: {exc}")
+
+
+class MessageStream:
+    """Received messages as an async iterator: ``async for message in manager.messages()``.
+
+    It is subscribed from the moment ``messages()`` returns, so nothing that arrives before the
+    first ``__anext__`` is missed. It keeps going across automatic reconnects and ends (after
+    yielding what it already holds) when the application calls ``disconnect()`` or
+    ``destroy()``, when the manager's ``async with`` exits, or on ``aclose()``.
+
+    Its buffer holds ``maxsize`` messages. When a consumer falls that far behind, newer
+    messages are not added to this stream: each one is counted in ``dropped`` and logged as a
+    warning (``on_message`` listeners still see every message).
+    """
+
+    def __init__(self, manager: WebSocketManager, maxsize: int) -> None:
+        if maxsize < 1:
+            raise ValueError(f"maxsize must be >= 1, got {maxsize!r}")
+        self.maxsize = maxsize
+        self.dropped = 0
+        """Messages this stream could not hold because its buffer was full."""
+        self._buffer: deque[dict[str, Any]] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._ended = False
+        self._manager = manager
+        manager._streams.append(self)
+
+    @property
+    def ended(self) -> bool:
+        """True once the stream takes no more messages."""
+        return self._ended
+
+    def _put(self, message: dict[str, Any]) -> None:
+        if self._ended:
+            return
+        if len(self._buffer) >= self.maxsize:
+            self.dropped += 1
+            logger.warning(
+                "[WS] messages() buffer full (%d): dropped a message for this stream (%d so far)",
+                self.maxsize,
+                self.dropped,
+            )
+            return
+        self._buffer.append(message)
+        self._wake()
+
+    def _end(self) -> None:
+        self._ended = True
+        if self in self._manager._streams:
+            self._manager._streams.remove(self)
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        while not self._buffer:
+            if self._ended:
+                raise StopAsyncIteration
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._buffer.popleft()
+
+    async def aclose(self) -> None:
+        """Stop receiving; what is buffered is dropped and iteration ends."""
+        self._buffer.clear()
+        self._end()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
 class WebSocketManager:
     """Holds one connection to a steadysocket server through the declared lifecycle.
 
@@ -124,8 +238,14 @@ class WebSocketManager:
     ``WS_DEBUG=1`` sets the ``steadysocket`` logger to DEBUG. Explicit arguments win over the
     environment; a malformed value raises ``ValueError`` here.
 
+    ``max_message_bytes`` is the largest encoded message ``send()`` accepts (the server's
+    default limit); ``send_buffer_bytes`` bounds what ``send()`` accepts while open that the
+    writer has not written yet (``send()`` returns False beyond it).
+
     ``clock``, ``sleep``, ``rng`` and ``opener`` are for tests: a virtual clock and sleep, a
     seeded ``random.Random``, and an in-memory transport. The defaults are the real ones.
+
+    Every coroutine may be called concurrently from any task; see the module docstring.
     """
 
     def __init__(
@@ -141,6 +261,8 @@ class WebSocketManager:
         fallback_probe_interval_ms: float | None = 60_000,
         send_queue_limit: int = 1000,
         stable_after_ms: float = 5_000,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        send_buffer_bytes: int = DEFAULT_SEND_BUFFER_BYTES,
         enabled: bool | None = None,
         clock: SystemClock | Any | None = None,
         sleep: Sleep | None = None,
@@ -151,6 +273,11 @@ class WebSocketManager:
         env = os.environ if environ is None else environ
         if _env_flag(env, "WS_DEBUG", False):
             logging.getLogger("steadysocket").setLevel(logging.DEBUG)
+        if send_buffer_bytes < max_message_bytes:
+            raise ValueError(
+                f"send_buffer_bytes ({send_buffer_bytes}) must hold at least one message "
+                f"of max_message_bytes ({max_message_bytes})"
+            )
         self.enabled = enabled if enabled is not None else _env_flag(env, "WEBSOCKET_ENABLED", True)
         config = ClientConfig(
             base_url=base_url if base_url is not None else env.get("WS_URL", DEFAULT_URL),
@@ -162,6 +289,7 @@ class WebSocketManager:
             fallback_probe_interval_ms=fallback_probe_interval_ms,
             stable_after_ms=stable_after_ms,
             send_queue_limit=send_queue_limit,
+            max_message_bytes=max_message_bytes,
         )
         backoff = backoff_strategy or BackoffStrategy.create_production_strategy(
             rng=rng if rng is not None else random.Random()
@@ -170,15 +298,25 @@ class WebSocketManager:
         self._sleep: Sleep = sleep if sleep is not None else asyncio.sleep
         self._opener: Opener = opener if opener is not None else _open_websocket
         self._core = ClientCore(config, self._clock, backoff)
+        self._send_buffer_bytes = send_buffer_bytes
 
+        # The lifetime: one lock for the public coroutines, one supervisor at a time.
+        self._lock = asyncio.Lock()
         self._supervisor: asyncio.Task[None] | None = None
         self._group: asyncio.TaskGroup | None = None
-        self._stop: asyncio.Event | None = None
+        self._stop = asyncio.Event()
+        self._children: set[asyncio.Task[Any]] = set()
+        """Tasks cancelled when the supervisor stops (all but the bounded closes)."""
+
         self._timers: dict[Timer, asyncio.Task[None]] = {}
         self._socket_task: asyncio.Task[None] | None = None
         self._transport: Transport | None = None
-        self._outgoing: deque[dict[str, Any]] = deque()
-        self._outgoing_ready: asyncio.Event | None = None
+        self._outgoing: deque[str] = deque()
+        """Encoded messages accepted while open, not yet written."""
+        self._outgoing_bytes = 0
+        self._control: deque[str] = deque()
+        """Pongs and pings for the current connection; the writer sends them first."""
+        self._wake = asyncio.Event()
         self._returned: list[dict[str, Any]] = []
         self._destroyed = False
         self._last_phase = self._core.phase
@@ -188,6 +326,7 @@ class WebSocketManager:
         self._error_listeners: list[ErrorListener] = []
         self._return_listeners: list[ReturnListener] = []
         self._phase_waiters: list[tuple[frozenset[Phase], asyncio.Future[Phase]]] = []
+        self._streams: list[MessageStream] = []
 
     # -- public API ----------------------------------------------------------------------
 
@@ -214,59 +353,90 @@ class WebSocketManager:
         """Start connecting (from ``idle`` or ``fallback``); returns once the attempt started.
 
         Use ``wait_for(Phase.OPEN)`` to wait for the handshake. Elsewhere a logged no-op.
+
+        Raises:
+            ManagerClosed: the manager was destroyed.
         """
         self._check_alive()
         if not self.enabled:
             logger.info("[WS] WEBSOCKET_ENABLED is false: staying idle")
             return
-        await self._ensure_supervisor()
-        self._apply(self._core.connect())
+        async with self._lock:
+            self._check_alive()
+            await self._ensure_supervisor()
+            self._apply(self._core.connect())
 
     async def disconnect(self) -> None:
         """Close 1000 "Client disconnect", cancel every timer and task, and go ``idle``.
 
-        Queued messages are handed back (``on_returned`` / ``take_returned()``). When this
-        returns, no task or socket of this manager is left.
+        Queued messages are handed back (``on_returned`` / ``take_returned()``), and every
+        ``messages()`` stream ends. When this returns, no task or socket of this manager is
+        left, also when the peer never answers the close frame (it is aborted after
+        ``CLOSE_TIMEOUT_S``) and when another call was running at the same time.
         """
-        self._apply(self._core.disconnect())
-        await self._stop_supervisor()
+        async with self._lock:
+            await self._disconnect_locked()
 
     async def force_reconnect(self) -> None:
-        """Drop the current socket and start a fresh attempt with the backoff reset."""
+        """Drop the current socket and start a fresh attempt with the backoff reset.
+
+        Raises:
+            ManagerClosed: the manager was destroyed.
+        """
         self._check_alive()
         if not self.enabled:
             logger.info("[WS] WEBSOCKET_ENABLED is false: staying idle")
             return
-        await self._ensure_supervisor()
-        self._apply(self._core.force_reconnect())
-        # After the transition, not before: now connecting, so messages accepted while open but
-        # not written yet are queued for the new connection rather than handed back (PROTOCOL
-        # Client 10 hands back only what can no longer be sent: disconnect() or fallback).
-        self._salvage_outgoing()
+        async with self._lock:
+            self._check_alive()
+            await self._ensure_supervisor()
+            self._apply(self._core.force_reconnect())
+            # After the transition, not before: now connecting, so messages accepted while open
+            # but not written yet are queued for the new connection rather than handed back
+            # (PROTOCOL Client 10 hands back only what can no longer be sent).
+            self._salvage_outgoing()
 
     async def destroy(self) -> None:
-        """Disconnect and drop every listener; the manager cannot be used again."""
-        await self.disconnect()
-        self._destroyed = True
-        self._state_listeners.clear()
-        self._message_listeners.clear()
-        self._error_listeners.clear()
-        self._return_listeners.clear()
+        """Disconnect and drop every listener; the manager cannot be used again.
+
+        Calls of ``connect()`` or ``force_reconnect()`` waiting behind it raise
+        ``ManagerClosed``, and so does a pending ``wait_for()``.
+        """
+        async with self._lock:
+            self._destroyed = True
+            await self._disconnect_locked()
+            self._state_listeners.clear()
+            self._message_listeners.clear()
+            self._error_listeners.clear()
+            self._return_listeners.clear()
+            for _, future in self._phase_waiters:
+                if not future.done():
+                    future.set_exception(ManagerClosed("the WebSocketManager was destroyed"))
 
     def send(self, message: Mapping[str, Any]) -> bool:
         """Send a message (a JSON object); adds a ``timestamp`` if it has none.
 
-        Sent at once while ``open`` or ``degraded``; queued (bounded by ``send_queue_limit``)
-        while ``connecting``, ``reconnecting`` or ``failed`` and flushed in order on the next
-        open. Returns False when refused: in ``idle`` or ``fallback``, or with the queue full.
-        A queued message that can no longer be sent is handed back, never dropped.
+        The message is validated and encoded here, once. Sent at once while ``open`` or
+        ``degraded`` (unless ``send_buffer_bytes`` of earlier messages still wait for the
+        writer); queued (bounded by ``send_queue_limit``) while ``connecting``,
+        ``reconnecting`` or ``failed`` and flushed in order on the next open. Returns False
+        when refused: in ``idle`` or ``fallback``, or with the queue or buffer full. A message
+        that can no longer be sent is handed back, never dropped.
+
+        Raises:
+            TypeError: ``message`` is not a mapping, or holds a value JSON cannot encode.
+            ValueError: a value is NaN or infinite, the structure is circular, or the encoded
+                message is longer than ``max_message_bytes``.
         """
-        stamped = self._core.stamp(message)
-        decision = self._core.offer(stamped)
+        text = self._core.prepare(message)
+        decision = self._core.offer(text)
         if decision is Offer.SEND:
-            self._outgoing.append(stamped)
-            if self._outgoing_ready is not None:
-                self._outgoing_ready.set()
+            if self._outgoing_bytes + len(text) > self._send_buffer_bytes:
+                logger.info("[WS] send refused: %d bytes wait for the writer", self._outgoing_bytes)
+                return False
+            self._outgoing.append(text)
+            self._outgoing_bytes += len(text)
+            self._wake.set()
             return True
         if decision is Offer.QUEUED:
             return True
@@ -304,12 +474,18 @@ class WebSocketManager:
         return self._subscribe(self._return_listeners, listener)
 
     async def wait_for(self, *phases: Phase | str, timeout: float | None = None) -> Phase:  # noqa: ASYNC109
-        """Wait until the phase is one of ``phases``; raises ``TimeoutError`` after ``timeout``."""
+        """Wait until the phase is one of ``phases``.
+
+        Raises:
+            TimeoutError: not reached within ``timeout`` seconds.
+            ManagerClosed: the manager was (or is) destroyed.
+        """
         wanted = frozenset(Phase(p) for p in phases)
         if not wanted:
             raise ValueError("wait_for() needs at least one phase")
         if self.phase in wanted:
             return self.phase
+        self._check_alive()
         future: asyncio.Future[Phase] = asyncio.get_running_loop().create_future()
         entry = (wanted, future)
         self._phase_waiters.append(entry)
@@ -320,15 +496,15 @@ class WebSocketManager:
             if entry in self._phase_waiters:
                 self._phase_waiters.remove(entry)
 
-    async def messages(self) -> AsyncGenerator[dict[str, Any], None]:
-        """Iterate over received messages (as ``on_message`` sees them) until the loop breaks."""
-        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        unsubscribe = self.on_message(queue.put_nowait)
-        try:
-            while True:
-                yield await queue.get()
-        finally:
-            unsubscribe()
+    def messages(self, *, maxsize: int = DEFAULT_STREAM_BUFFER) -> MessageStream:
+        """Received messages (as ``on_message`` sees them) as an async iterator.
+
+        Subscribed from this call on; see :class:`MessageStream` for its buffer and its end.
+        """
+        stream = MessageStream(self, maxsize)
+        if self._destroyed:
+            stream._end()
+        return stream
 
     async def __aenter__(self) -> Self:
         await self.connect()
@@ -348,36 +524,76 @@ class WebSocketManager:
         if self._destroyed:
             raise ManagerClosed("this WebSocketManager was destroyed; create a new one")
 
+    async def _disconnect_locked(self) -> None:
+        self._apply(self._core.disconnect())
+        # Whatever the phase was, nothing accepted stays behind: unwritten and queued messages
+        # go back to the application.
+        self._salvage_outgoing()
+        self._hand_back(self._core.take_queue())
+        await self._stop_supervisor()
+        for stream in tuple(self._streams):
+            stream._end()
+
     async def _ensure_supervisor(self) -> None:
-        if self._supervisor is not None and not self._supervisor.done():
+        """Start the supervisor unless one is running; called with the lock held."""
+        old = self._supervisor
+        if old is not None and not old.done() and not self._stop.is_set():
             return
+        if old is not None:
+            # The handoff: a supervisor told to stop (its disconnect() was cancelled while it
+            # waited) finishes its bounded closes before a new one starts.
+            await self._stop_supervisor()
         ready = asyncio.Event()
         self._stop = asyncio.Event()
-        self._outgoing_ready = asyncio.Event()
-        self._supervisor = asyncio.create_task(self._supervise(ready), name="steadysocket")
+        self._supervisor = asyncio.create_task(
+            self._supervise(ready, self._stop), name="steadysocket"
+        )
         await ready.wait()
 
-    async def _supervise(self, ready: asyncio.Event) -> None:
-        assert self._stop is not None
+    async def _supervise(self, ready: asyncio.Event, stop: asyncio.Event) -> None:
         try:
             async with asyncio.TaskGroup() as group:
                 self._group = group
                 ready.set()
-                await self._stop.wait()
+                await stop.wait()
+                self._group = None
+                for task in tuple(self._children):
+                    task.cancel()
+        except Exception:
+            # Unreachable by design (every child handles its own errors); never let it escape
+            # into a public call as an ExceptionGroup.
+            logger.exception("[WS] supervisor ended with an error")
         finally:
             self._group = None
+            ready.set()
 
     async def _stop_supervisor(self) -> None:
-        supervisor, self._supervisor = self._supervisor, None
+        """Stop the supervisor and wait until every task it owns has ended (lock held)."""
+        supervisor = self._supervisor
         if supervisor is None:
             return
-        assert self._stop is not None
         self._stop.set()
-        await supervisor
+        # Shielded: if this call is cancelled, the supervisor still finishes its bounded
+        # closes, and the next _ensure_supervisor() waits for it.
+        await asyncio.shield(supervisor)
+        if self._supervisor is supervisor:
+            self._supervisor = None
 
-    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
-        assert self._group is not None, "effects applied without a running supervisor"
-        return self._group.create_task(coro, name=name)
+    def _spawn(
+        self, coro: Coroutine[Any, Any, _T], name: str, *, bounded: bool = False
+    ) -> asyncio.Task[_T] | None:
+        """Run ``coro`` in the supervisor's group; ``bounded`` tasks (closes) are not cancelled
+        when the supervisor stops, the rest are."""
+        group = self._group
+        if group is None:
+            coro.close()
+            logger.debug("[WS] no supervisor: %s not started", name)
+            return None
+        task = group.create_task(coro, name=name)
+        if not bounded:
+            self._children.add(task)
+            task.add_done_callback(self._children.discard)
+        return task
 
     # -- effects -------------------------------------------------------------------------
 
@@ -393,20 +609,22 @@ class WebSocketManager:
                     self._drop_socket(code, reason)
                 case StartTimer(timer=timer, delay_ms=delay, token=token):
                     self._cancel_timer(timer)
-                    assert token is not None
-                    assert delay is not None
-                    self._timers[timer] = self._spawn(
-                        self._timer_main(timer, token, delay / 1000.0),
+                    task = self._spawn(
+                        self._timer_main(timer, token or 0, (delay or 0.0) / 1000.0),
                         f"steadysocket-timer-{timer}",
                     )
+                    if task is not None:
+                        self._timers[timer] = task
                 case CancelTimer(timer=timer):
                     self._cancel_timer(timer)
                 case SendPing():
                     self._send_control(self._core.ping_text())
                 case FlushQueue():
-                    self._outgoing.extend(self._core.take_queue())
-                    if self._outgoing and self._outgoing_ready is not None:
-                        self._outgoing_ready.set()
+                    for text in self._core.take_queue():
+                        self._outgoing.append(text)
+                        self._outgoing_bytes += len(text)
+                    if self._outgoing:
+                        self._wake.set()
                 case ReturnQueue():
                     self._salvage_outgoing()
                     self._hand_back(self._core.take_queue())
@@ -420,17 +638,27 @@ class WebSocketManager:
     def _drop_socket(self, code: int, reason: str) -> None:
         task, self._socket_task = self._socket_task, None
         transport, self._transport = self._transport, None
+        self._control.clear()
         if task is not None and task is not asyncio.current_task():
             task.cancel()
         if transport is not None:
-            self._spawn(self._close_transport(transport, code, reason), "steadysocket-close")
+            self._close(transport, code, reason)
+
+    def _close(self, transport: Transport, code: int, reason: str) -> None:
+        closing = self._close_transport(transport, code, reason)
+        if self._spawn(closing, "steadysocket-close", bounded=True) is None:
+            _abort(transport)
 
     async def _close_transport(self, transport: Transport, code: int, reason: str) -> None:
+        """The closing handshake, bounded; then the connection is aborted whatever happened,
+        so no socket outlives it even when the peer never answers or stopped reading."""
         try:
             async with asyncio.timeout(CLOSE_TIMEOUT_S):
                 await transport.close(code, reason)
-        except (TimeoutError, OSError, TransportClosed) as exc:
+        except Exception as exc:
             logger.debug("[WS] close did not complete cleanly: %r", exc)
+        finally:
+            _abort(transport)
 
     async def _timer_main(self, timer: Timer, token: int, delay_s: float) -> None:
         await self._sleep(delay_s)
@@ -445,68 +673,63 @@ class WebSocketManager:
 
     async def _socket_main(self, generation: int) -> None:
         try:
+            # Awaited directly, no task in between: if this task is cancelled, the opener
+            # sees the cancellation itself (websockets aborts a half-open handshake).
             transport = await self._opener(self.url)
         except Exception as exc:
-            # OpenFailed is the Opener contract. Anything else (a custom opener's bug, an error
-            # nobody mapped) used to end the supervisor's TaskGroup: the manager stayed in
-            # connecting with no timer, and disconnect() raised. It is a failed attempt too.
+            # OpenFailed is the Opener contract; anything else is a failed attempt too.
             failure = exc.failure if isinstance(exc, OpenFailed) else failure_from_exception(exc)
             self._report(failure)
             self._apply(self._core.attempt_failed(generation, failure))
             return
         if generation != self._core.live_generation:
-            await self._close_transport(transport, 1000, "Attempt abandoned")
+            self._close(transport, 1000, "Attempt abandoned")
             return
         self._transport = transport
+        self._control.clear()
         try:
             first = await transport.recv()
-        except TransportClosed as exc:
-            self._report(exc.failure)
-            self._forget(transport)
-            self._apply(self._core.attempt_failed(generation, exc.failure))
+        except Exception as exc:
+            self._attempt_failed(generation, transport, _failure_of(exc))
             return
         if isinstance(first, bytes):
             failure = ErrorFailure(ErrorKind.INVALID_HELLO, "first frame was binary")
-            self._report(failure)
-            self._apply(self._core.attempt_failed(generation, failure))
+            self._attempt_failed(generation, transport, failure)
             return
         phase, before = self.phase, self._core.last_failure
         effects = self._core.hello_received(generation, first)
         self._report_decided(phase, before)
         self._apply(effects)
         if generation != self._core.live_generation:
+            self._release(transport, 1000, "Attempt abandoned")
             return
         try:
             async with asyncio.TaskGroup() as connection:
-                connection.create_task(self._writer(transport))
+                connection.create_task(self._writer(transport), name="steadysocket-writer")
                 await self._reader(transport)
         except* Exception as group:
-            # TransportClosed is the Transport contract; anything else from a custom transport
-            # ends the connection as a failure too, rather than the supervisor's TaskGroup.
-            error = group.exceptions[0]
-            closed = (
-                error
-                if isinstance(error, TransportClosed)
-                else TransportClosed(
-                    ErrorFailure(ErrorKind.OTHER, f"{type(error).__name__}: {error}")
-                )
-            )
-            self._report(closed.failure)
-            self._forget(transport)
+            failure = _failure_of(group.exceptions[0])
+            self._report(failure)
             # Harmless if the peer already closed it; frees it if only our send gave up.
-            self._spawn(
-                self._close_transport(transport, 1000, "Connection lost"), "steadysocket-close"
-            )
-            self._apply(self._core.closed(generation, closed.failure))
+            self._release(transport, 1000, "Connection lost")
+            self._apply(self._core.closed(generation, failure))
             # After the transition: when the client retries (failed, reconnecting) the unsent
             # messages join the queue for the next connection; after a close 1000 (idle) they
             # are handed back; entering fallback already handed them back (ReturnQueue).
             self._salvage_outgoing()
 
-    def _forget(self, transport: Transport) -> None:
+    def _attempt_failed(self, generation: int, transport: Transport, failure: Failure) -> None:
+        self._report(failure)
+        self._release(transport, 1000, "Attempt failed")
+        self._apply(self._core.attempt_failed(generation, failure))
+
+    def _release(self, transport: Transport, code: int, reason: str) -> None:
+        """Close ``transport`` once, unless a CloseSocket effect already took it."""
         if self._transport is transport:
             self._transport = None
             self._socket_task = None
+            self._control.clear()
+            self._close(transport, code, reason)
 
     async def _reader(self, transport: Transport) -> None:
         core = self._core
@@ -533,63 +756,83 @@ class WebSocketManager:
                         listener(message)
                     except Exception:
                         logger.exception("[WS] message listener raised")
+                for stream in tuple(self._streams):
+                    stream._put(message)
 
     async def _writer(self, transport: Transport) -> None:
-        ready = self._outgoing_ready
-        assert ready is not None
+        """Write control frames, then data, in order; any error ends the connection.
+
+        A data frame leaves the buffer when its ``send()`` begins and counts as written then
+        (the transport takes it before suspending); only a frame the transport refused
+        unwritten goes back to the front. So a frame is never both re-queued and counted.
+        """
+        wake = self._wake
         outgoing = self._outgoing
+        control = self._control
         core = self._core
         loop = asyncio.get_running_loop()
         while True:
-            await ready.wait()
-            # One timeout scope per batch, pushed forward before each send: entering a new
-            # asyncio.timeout() per message cost several µs in the client benchmark.
-            async with asyncio.timeout(None) as deadline:
-                while outgoing:
-                    message = outgoing.popleft()
-                    deadline.reschedule(loop.time() + SEND_TIMEOUT_S)
-                    try:
-                        await transport.send(core.encode(message))
-                    except BaseException:
-                        # Not sent: back to the front, for the next connection or the app.
-                        outgoing.appendleft(message)
-                        if deadline.expired():
-                            # A peer that stops reading stalls the sender: a dead peer.
-                            raise TransportClosed(
-                                ErrorFailure(
-                                    ErrorKind.HEARTBEAT_TIMEOUT,
-                                    f"send blocked for {SEND_TIMEOUT_S:g} s",
-                                )
-                            ) from None
-                        raise
-                    core.messages_sent += 1
-            ready.clear()
+            await wake.wait()
+            wake.clear()
+            # One stall deadline per batch, pushed forward at most once a second rather than
+            # per frame: a peer that stops reading is still caught within SEND_TIMEOUT_S + 1 s.
+            deadline = asyncio.timeout_at(loop.time() + SEND_TIMEOUT_S)
+            try:
+                async with deadline:
+                    while control or outgoing:
+                        now = loop.time()
+                        if now + SEND_TIMEOUT_S - (deadline.when() or now) > 1.0:
+                            deadline.reschedule(now + SEND_TIMEOUT_S)
+                        if control:
+                            await transport.send(control.popleft())
+                            continue
+                        text = outgoing.popleft()
+                        self._outgoing_bytes -= len(text)
+                        try:
+                            await transport.send(text)
+                        except TransportClosed as exc:
+                            if not exc.written:
+                                outgoing.appendleft(text)
+                                self._outgoing_bytes += len(text)
+                                raise
+                            core.messages_sent += 1
+                            raise
+                        except BaseException:
+                            core.messages_sent += 1
+                            raise
+                        core.messages_sent += 1
+            except TimeoutError:
+                if not deadline.expired():
+                    raise
+                # A peer that stops reading stalls the sender: a dead peer.
+                raise TransportClosed(
+                    ErrorFailure(
+                        ErrorKind.HEARTBEAT_TIMEOUT, f"send blocked for {SEND_TIMEOUT_S:g} s"
+                    )
+                ) from None
 
     def _send_control(self, text: str) -> None:
-        """Pongs and pings jump the queue: they are about the connection, not the data."""
-        transport = self._transport
-        if transport is None:
+        """Pongs and pings jump the data queue: they are about the connection, not the data."""
+        if self._transport is None:
             return
-        self._spawn(self._send_text(transport, text), "steadysocket-control")
-
-    async def _send_text(self, transport: Transport, text: str) -> None:
-        try:
-            async with asyncio.timeout(SEND_TIMEOUT_S):
-                await transport.send(text)
-        except (TransportClosed, TimeoutError, OSError) as exc:
-            logger.debug("[WS] control frame not sent: %r", exc)
+        self._control.append(text)
+        self._wake.set()
 
     def _salvage_outgoing(self) -> None:
         if not self._outgoing:
             return
         unsent = list(self._outgoing)
         self._outgoing.clear()
+        self._outgoing_bytes = 0
         self._hand_back(self._core.requeue(unsent))
 
-    def _hand_back(self, messages: list[dict[str, Any]]) -> None:
-        if not messages:
+    def _hand_back(self, texts: list[str]) -> None:
+        if not texts:
             return
-        logger.info("[WS] handing %d unsent message(s) back to the application", len(messages))
+        logger.info("[WS] handing %d unsent message(s) back to the application", len(texts))
+        # Decoded from the text that would have been sent: the message as the server would
+        # have seen it, timestamp included.
+        messages: list[dict[str, Any]] = [json.loads(text) for text in texts]
         if not self._return_listeners:
             self._returned.extend(messages)
             return
@@ -648,3 +891,10 @@ class WebSocketManager:
         for wanted, future in tuple(self._phase_waiters):
             if phase in wanted and not future.done():
                 future.set_result(phase)
+
+
+def _abort(transport: Transport) -> None:
+    try:
+        transport.abort()
+    except Exception as exc:
+        logger.debug("[WS] abort failed: %r", exc)

@@ -23,6 +23,7 @@ from websockets.exceptions import (
     InvalidStatus,
     InvalidURI,
 )
+from websockets.protocol import State
 
 from steadysocket.model.classify import (
     CloseFailure,
@@ -34,11 +35,17 @@ from steadysocket.model.classify import (
 
 
 class TransportClosed(Exception):
-    """The connection ended; ``failure`` says how (a close frame, or no close frame)."""
+    """The connection ended; ``failure`` says how (a close frame, or no close frame).
 
-    def __init__(self, failure: CloseFailure | ErrorFailure) -> None:
+    ``written`` is for ``Transport.send``: False when the frame was refused before anything
+    was written (the connection was already closed), True when the connection ended after the
+    frame was taken into the transport's buffer.
+    """
+
+    def __init__(self, failure: CloseFailure | ErrorFailure, *, written: bool = True) -> None:
         super().__init__(failure.describe())
         self.failure = failure
+        self.written = written
 
 
 class OpenFailed(Exception):
@@ -56,10 +63,18 @@ class Transport(Protocol):
         """The next frame; raises ``TransportClosed`` when the connection ends."""
 
     async def send(self, text: str) -> None:
-        """Send one text frame; raises ``TransportClosed`` when the connection is gone."""
+        """Send one text frame; raises ``TransportClosed`` when the connection is gone.
+
+        The frame must be taken into the transport's buffer before the first suspension, or
+        refused with ``TransportClosed(..., written=False)``: the manager counts a frame whose
+        ``send()`` began as written (at most once), and re-queues only a refused one.
+        """
 
     async def close(self, code: int, reason: str) -> None:
         """Close with ``code`` and ``reason``; never raises for an already-closed connection."""
+
+    def abort(self) -> None:
+        """Drop the connection at once (no close handshake); a no-op once it is closed."""
 
 
 Opener = Callable[[str], Awaitable[Transport]]
@@ -68,8 +83,16 @@ Opener = Callable[[str], Awaitable[Transport]]
 
 def _closed_failure(exc: ConnectionClosed) -> CloseFailure | ErrorFailure:
     if exc.rcvd is None:
-        return ErrorFailure(ErrorKind.NO_CLOSE_FRAME, "connection lost without a close frame")
+        # The kind's label already says "connection lost without a close frame": the detail
+        # adds only what websockets knows of the cause.
+        cause = exc.__cause__
+        return ErrorFailure(ErrorKind.NO_CLOSE_FRAME, "" if cause is None else _reason(cause))
     return CloseFailure(exc.rcvd.code, exc.rcvd.reason)
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 class WebsocketsTransport:
@@ -85,13 +108,22 @@ class WebsocketsTransport:
             raise TransportClosed(_closed_failure(exc)) from exc
 
     async def send(self, text: str) -> None:
+        connection = self.connection
+        # websockets writes an unfragmented frame to the transport before its first await
+        # when the connection is open; otherwise it writes nothing and raises.
+        written = connection.state is State.OPEN
         try:
-            await self.connection.send(text)
+            await connection.send(text)
         except ConnectionClosed as exc:
-            raise TransportClosed(_closed_failure(exc)) from exc
+            raise TransportClosed(_closed_failure(exc), written=written) from exc
 
     async def close(self, code: int, reason: str) -> None:
         await self.connection.close(code, reason)
+
+    def abort(self) -> None:
+        transport = self.connection.transport
+        if transport is not None:
+            transport.abort()
 
 
 def failure_from_exception(exc: BaseException) -> Failure:
@@ -107,6 +139,12 @@ def failure_from_exception(exc: BaseException) -> Failure:
         return ErrorFailure(ErrorKind.NO_CLOSE_FRAME, f"handshake broke off: {exc}")
     if isinstance(exc, ConnectionRefusedError):
         return ErrorFailure(ErrorKind.REFUSED, str(exc))
+    if isinstance(exc, ConnectionResetError | ConnectionAbortedError | BrokenPipeError) or (
+        isinstance(exc, OSError) and exc.errno in {errno.ECONNRESET, errno.EPIPE}
+    ):
+        # The peer accepted the connection and then dropped it: neither "refused" (what a
+        # reset without an errno used to read as) nor "unreachable".
+        return ErrorFailure(ErrorKind.NO_CLOSE_FRAME, f"connection reset: {_reason(exc)}")
     if isinstance(exc, SSLError):
         # An SSLError is an OSError too; without this a certificate the client does not trust
         # was reported as "connection refused" (network). PROTOCOL Client 13 has no TLS row,
@@ -114,12 +152,7 @@ def failure_from_exception(exc: BaseException) -> Failure:
         return ErrorFailure(ErrorKind.OTHER, f"TLS: {exc}")
     if isinstance(exc, socket.gaierror):
         return ErrorFailure(ErrorKind.DNS, str(exc))
-    if isinstance(exc, OSError) and exc.errno in {
-        errno.EHOSTUNREACH,
-        errno.ENETUNREACH,
-        errno.ECONNRESET,
-        errno.EPIPE,
-    }:
+    if isinstance(exc, OSError) and exc.errno in {errno.EHOSTUNREACH, errno.ENETUNREACH}:
         return ErrorFailure(ErrorKind.UNREACHABLE, str(exc))
     if isinstance(exc, OSError):
         return ErrorFailure(ErrorKind.REFUSED, str(exc))

@@ -38,7 +38,7 @@ from steadysocket.model.effects import (
     StartTimer,
     Timer,
 )
-from steadysocket.model.protocol import FEATURES, make_hello
+from steadysocket.model.protocol import FEATURES, encode, make_hello
 from steadysocket.model.snapshot import AttemptOutcome, Phase
 
 T0 = datetime(2025, 8, 15, 10, 0, 0, tzinfo=UTC)
@@ -112,9 +112,9 @@ class Driver:
                 case CancelTimer(timer=timer):
                     self.timers.pop(timer, None)
                 case ReturnQueue():
-                    self.returned.extend(self.core.take_queue())
+                    self.returned.extend(json.loads(t) for t in self.core.take_queue())
                 case FlushQueue():
-                    self.flushed.extend(self.core.take_queue())
+                    self.flushed.extend(json.loads(t) for t in self.core.take_queue())
         assert frozenset(self.timers) == self.core.pending_timers
         return effects
 
@@ -293,7 +293,7 @@ def test_client_opens_only_after_a_valid_hello() -> None:
     rt.connect()
     rt.clock.advance(0.25)
     # The socket being up is not enough: until the hello, sends are queued, not sent.
-    assert rt.core.offer({"type": "chat"}) is Offer.QUEUED
+    assert rt.core.offer(encode({"type": "chat"})) is Offer.QUEUED
     assert rt.phase() is Phase.CONNECTING
 
     effects = rt.hello()
@@ -578,7 +578,7 @@ def test_a_normal_close_from_the_server_after_open_goes_idle_without_reconnectin
     assert effects == [CancelTimer(Timer.HEARTBEAT), CancelTimer(Timer.STABLE)]
     assert rt.core.pending_timers == frozenset()
     assert rt.core.live_generation is None
-    assert rt.core.offer({"type": "chat"}) is Offer.REFUSED_PHASE
+    assert rt.core.offer(encode({"type": "chat"})) is Offer.REFUSED_PHASE
 
 
 def test_a_going_away_close_with_graceful_reconnect_reconnects_at_once() -> None:
@@ -714,7 +714,7 @@ def test_silence_for_1_2_heartbeat_intervals_degrades_and_sends_a_ping() -> None
     assert plain(effects) == [SendPing(), StartTimer(Timer.HEARTBEAT, 2000.0, heartbeats=0.8)]
     assert rt.core.snapshot().stats.heartbeats_sent == 1
     # Degraded still sends: the connection may be fine.
-    assert rt.core.offer({"type": "chat"}) is Offer.SEND
+    assert rt.core.offer(encode({"type": "chat"})) is Offer.SEND
     assert json.loads(rt.core.ping_text())["type"] == "ping"
 
 
@@ -860,7 +860,7 @@ def test_the_probe_timer_makes_one_probe_attempt_that_stays_in_fallback() -> Non
     assert state.fallback_reason == reason
     assert state.current_attempt is not None
     assert state.current_attempt.phase is Phase.FALLBACK
-    assert rt.core.offer({"type": "chat"}) is Offer.REFUSED_PHASE
+    assert rt.core.offer(encode({"type": "chat"})) is Offer.REFUSED_PHASE
     # Probes are not counted against max_attempts.
     assert rt.core.lifecycle.attempts == 1
     assert state.stats.total_attempts == 2
@@ -878,7 +878,7 @@ def test_a_successful_probe_opens_and_clears_fallback_mode() -> None:
     state = rt.core.snapshot()
     assert not state.is_fallback_mode
     assert state.fallback_reason is None
-    assert rt.core.offer({"type": "chat"}) is Offer.SEND
+    assert rt.core.offer(encode({"type": "chat"})) is Offer.SEND
 
 
 @pytest.mark.parametrize("how", ["failure", "connect timeout"])
@@ -1047,70 +1047,113 @@ def test_offer_sends_queues_or_refuses_by_phase(where: str, expected: Offer) -> 
     rt = client()
     _reach(rt, where)
     message = {"type": "chat", "n": 1}
-    assert rt.core.offer(message) is expected
-    assert list(rt.core.queue) == ([message] if expected is Offer.QUEUED else [])
+    assert rt.core.offer(encode(message)) is expected
+    assert list(rt.core.queue) == ([encode(message)] if expected is Offer.QUEUED else [])
 
 
 def test_the_queue_refuses_when_full() -> None:
     rt = client(send_queue_limit=2)
     rt.connect()
-    assert [rt.core.offer({"n": n}) for n in range(3)] == [
+    assert [rt.core.offer(encode({"n": n})) for n in range(3)] == [
         Offer.QUEUED,
         Offer.QUEUED,
         Offer.REFUSED_FULL,
     ]
-    assert list(rt.core.queue) == [{"n": 0}, {"n": 1}]
+    assert list(rt.core.queue) == [encode({"n": 0}), encode({"n": 1})]
 
 
 def test_a_zero_queue_limit_refuses_everything_while_not_open() -> None:
     rt = client(send_queue_limit=0)
     rt.connect()
-    assert rt.core.offer({"n": 0}) is Offer.REFUSED_FULL
+    assert rt.core.offer(encode({"n": 0})) is Offer.REFUSED_FULL
 
 
-def test_stamp_adds_a_timestamp_only_when_missing() -> None:
+def test_prepare_adds_a_timestamp_only_when_missing_without_touching_the_message() -> None:
     rt = client()
     rt.clock.advance(1.5)
     original = {"type": "chat"}
-    assert rt.core.stamp(original) == {"type": "chat", "timestamp": "2025-08-15T10:00:01.500Z"}
+    text = rt.core.prepare(original)
+    assert json.loads(text) == {"type": "chat", "timestamp": "2025-08-15T10:00:01.500Z"}
     assert original == {"type": "chat"}
     kept = {"type": "chat", "timestamp": "mine"}
-    assert rt.core.stamp(kept) == kept
+    assert rt.core.prepare(kept) == '{"type":"chat","timestamp":"mine"}'
 
 
 @pytest.mark.parametrize("bad", [["type", "chat"], "chat", None, 42])
-def test_stamp_rejects_a_non_mapping_with_a_type_error(bad: Any) -> None:
+def test_prepare_rejects_a_non_mapping_with_a_type_error(bad: Any) -> None:
     rt = client()
     with pytest.raises(TypeError, match="a message must be a mapping, got"):
-        rt.core.stamp(bad)
+        rt.core.prepare(bad)
+
+
+def _cycle() -> dict[str, Any]:
+    looped: dict[str, Any] = {"type": "loop"}
+    looped["self"] = looped
+    return looped
+
+
+@pytest.mark.parametrize(
+    ("message", "error", "names"),
+    [
+        ({"type": "t", "at": datetime(2025, 1, 1)}, TypeError, "datetime"),
+        ({"type": "t", "f": print}, TypeError, "builtin_function_or_method"),
+        ({"type": "t", "x": float("nan")}, ValueError, "Out of range float"),
+        ({"type": "t", "x": float("inf")}, ValueError, "Out of range float"),
+        (_cycle(), ValueError, "Circular reference"),
+        ({"type": "t", ("a", "b"): 1}, TypeError, "keys must be str"),
+    ],
+)
+def test_prepare_names_what_cannot_be_encoded(
+    message: dict[str, Any], error: type[Exception], names: str
+) -> None:
+    rt = client()
+    with pytest.raises(error, match="message cannot be encoded as JSON") as raised:
+        rt.core.prepare(message)
+    assert names in str(raised.value)
+
+
+def test_prepare_refuses_a_message_over_max_message_bytes() -> None:
+    rt = client(max_message_bytes=100)
+    body = "x" * 40
+    text = rt.core.prepare({"type": "t", "timestamp": "t", "body": body})
+    assert len(text) <= 100
+    with pytest.raises(ValueError, match=r"over max_message_bytes \(100\)"):
+        rt.core.prepare({"type": "t", "timestamp": "t", "body": body * 3})
+    # Non-ASCII is escaped (ensure_ascii), so the text's length is the size on the wire.
+    assert rt.core.prepare({"type": "t", "timestamp": "t", "b": "é"}).isascii()
+
+
+def test_max_message_bytes_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="max_message_bytes must be >= 1"):
+        client(max_message_bytes=0)
 
 
 def test_take_queue_and_requeue_keep_the_order() -> None:
     rt = client(send_queue_limit=4)
     rt.connect()
     for n in (3, 4):
-        rt.core.offer({"n": n})
+        rt.core.offer(encode({"n": n}))
     # Messages that were in flight go back in front of the queued ones, in their order.
-    assert rt.core.requeue([{"n": 1}, {"n": 2}]) == []
-    assert [m["n"] for m in rt.core.queue] == [1, 2, 3, 4]
-    assert rt.core.requeue([{"n": 0}]) == [{"n": 0}]
-    assert [m["n"] for m in rt.core.take_queue()] == [1, 2, 3, 4]
+    assert rt.core.requeue([encode({"n": 1}), encode({"n": 2})]) == []
+    assert [json.loads(m)["n"] for m in rt.core.queue] == [1, 2, 3, 4]
+    assert rt.core.requeue([encode({"n": 0})]) == [encode({"n": 0})]
+    assert [json.loads(m)["n"] for m in rt.core.take_queue()] == [1, 2, 3, 4]
     assert rt.core.take_queue() == []
 
 
 def test_requeue_hands_back_what_does_not_fit() -> None:
     rt = client(send_queue_limit=3)
     rt.connect()
-    rt.core.offer({"n": 9})
-    assert rt.core.requeue([{"n": 1}, {"n": 2}, {"n": 3}]) == [{"n": 3}]
-    assert [m["n"] for m in rt.core.queue] == [1, 2, 9]
+    rt.core.offer(encode({"n": 9}))
+    assert rt.core.requeue([encode({"n": n}) for n in (1, 2, 3)]) == [encode({"n": 3})]
+    assert [json.loads(m)["n"] for m in rt.core.queue] == [1, 2, 9]
 
 
 @pytest.mark.parametrize("where", ["idle", "open", "fallback"])
 def test_requeue_outside_the_queueing_phases_hands_everything_back(where: str) -> None:
     rt = client()
     _reach(rt, where)
-    messages = [{"n": 1}, {"n": 2}]
+    messages = [encode({"n": 1}), encode({"n": 2})]
     assert rt.core.requeue(messages) == messages
     assert list(rt.core.queue) == []
 
@@ -1120,7 +1163,7 @@ def test_queued_messages_are_flushed_in_order_on_open() -> None:
     rt.connect()
     rt.fail(REFUSED)
     for n in range(3):
-        rt.core.offer({"n": n})
+        rt.core.offer(encode({"n": n}))
     rt.fire(Timer.RETRY)
     effects = rt.hello()
     assert FlushQueue() in effects
@@ -1132,8 +1175,8 @@ def test_queued_messages_are_flushed_in_order_on_open() -> None:
 def test_queued_messages_are_handed_back_on_disconnect(where: str) -> None:
     rt = client()
     _reach(rt, where)
-    rt.core.offer({"n": 1})
-    rt.core.offer({"n": 2})
+    rt.core.offer(encode({"n": 1}))
+    rt.core.offer(encode({"n": 2}))
     assert ReturnQueue() in rt.disconnect()
     assert rt.returned == [{"n": 1}, {"n": 2}]
 
@@ -1141,9 +1184,9 @@ def test_queued_messages_are_handed_back_on_disconnect(where: str) -> None:
 def test_queued_messages_are_handed_back_on_entering_fallback() -> None:
     rt = client(max_attempts=2)
     rt.connect()
-    rt.core.offer({"n": 1})
+    rt.core.offer(encode({"n": 1}))
     rt.fail(REFUSED)
-    rt.core.offer({"n": 2})
+    rt.core.offer(encode({"n": 2}))
     rt.fire(Timer.RETRY)
     effects = rt.fail(REFUSED)
     assert rt.phase() is Phase.FALLBACK
@@ -1154,7 +1197,7 @@ def test_queued_messages_are_handed_back_on_entering_fallback() -> None:
 def test_force_reconnect_keeps_the_queue_for_the_next_connection() -> None:
     rt = client()
     rt.connect()
-    rt.core.offer({"n": 1})
+    rt.core.offer(encode({"n": 1}))
     assert ReturnQueue() not in rt.force_reconnect()
     rt.hello()
     assert rt.flushed == [{"n": 1}]

@@ -583,7 +583,7 @@ class MemoryTransport:
 
     async def send(self, text: str) -> None:
         if self._ended is not None:
-            raise TransportClosed(self._ended)
+            raise TransportClosed(self._ended, written=False)
         self.record.received.append(text)
         reply = self.server._reply(self.record, text)
         if reply is not None:
@@ -599,6 +599,15 @@ class MemoryTransport:
             if self._ended is not None:  # dropped by the server meanwhile
                 return
         self._end(CloseFailure(code, reason), "client", code, reason)
+
+    def abort(self) -> None:
+        """The client drops the connection without a close handshake (``lost``)."""
+        self._end(
+            ErrorFailure(ErrorKind.NO_CLOSE_FRAME, "connection aborted (in-memory)"),
+            "lost",
+            1006,
+            "",
+        )
 
     # -- the server's side -----------------------------------------------------------------
 

@@ -38,6 +38,7 @@ until the observable state equals the model's before comparing again.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from collections import deque
 from collections.abc import Callable, Coroutine
@@ -734,7 +735,7 @@ class ManagerMachine(RuleBasedStateMachine):
             "connections": [self._summary(r) for r in self.server.connections],
             "delivered": delivered,
             "returned": list(self.returned),
-            "queued": [int(q["id"]) for q in core.queue],
+            "queued": [int(json.loads(q)["id"]) for q in core.queue],
             "app messages": self.app_messages,
             "errors": [(str(e.kind), e.retryable) for e in self.errors],
             "retry delays": [
@@ -1120,8 +1121,8 @@ class ManagerMachine(RuleBasedStateMachine):
         if self.manager is None:
             return
         delivered = self._delivered()
-        queued = [int(q["id"]) for q in self.m._core.queue]
-        outgoing = [int(q["id"]) for q in self.m._outgoing]
+        queued = [int(json.loads(q)["id"]) for q in self.m._core.queue]
+        outgoing = [int(json.loads(q)["id"]) for q in self.m._outgoing]
         everything = delivered + self.returned + queued + outgoing
         assert sorted(everything) == sorted(self.accepted), "lost or duplicated"
         assert delivered == sorted(delivered), "delivered out of order"
