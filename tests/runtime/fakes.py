@@ -370,6 +370,9 @@ class ConnectionRecord:
     script: Script
     state: ConnState = ConnState.OPEN
     received: list[str | bytes] = field(default_factory=list)
+    taken: list[str] = field(default_factory=list)
+    """In-memory only: every text frame the client's transport took, whether the server read
+    it (``received``) or it still waited behind a server that stopped reading."""
     sent: list[str | bytes] = field(default_factory=list)
     closed_by: str | None = None
     """``client`` (a close frame from the client), ``server`` (a close frame from the server),
@@ -569,6 +572,13 @@ class MemoryTransport:
         self._ended: CloseFailure | ErrorFailure | None = None
         self._wakeup = asyncio.Event()
         self._late: ClockEntry | None = None
+        self.reading = True
+        """False: the server stopped reading, so a send blocks until it reads again."""
+        self.answers_close = True
+        """False: the server never answers a close frame (only an abort ends the link)."""
+        self._unread: deque[str] = deque()
+        self._flow = asyncio.Event()
+        self._gone = asyncio.Event()
 
     # -- Transport -------------------------------------------------------------------------
 
@@ -584,13 +594,40 @@ class MemoryTransport:
     async def send(self, text: str) -> None:
         if self._ended is not None:
             raise TransportClosed(self._ended, written=False)
+        # Taken before the first suspension, as the Transport contract asks.
+        self.record.taken.append(text)
+        if not self.reading:
+            self._unread.append(text)
+            self._flow.clear()
+            await self._flow.wait()
+            if self._ended is not None:
+                raise TransportClosed(self._ended)
+            return
+        self._read(text)
+
+    def _read(self, text: str) -> None:
         self.record.received.append(text)
         reply = self.server._reply(self.record, text)
         if reply is not None:
             self.push(reply)
 
+    def stop_reading(self) -> None:
+        """The server stops reading: the client's next send blocks (flow control)."""
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        """The server reads what waited, in order, and every blocked send completes."""
+        self.reading = True
+        while self._unread and self._ended is None:
+            self._read(self._unread.popleft())
+        self._flow.set()
+
     async def close(self, code: int, reason: str) -> None:
         if self._ended is not None or self.record.state is ConnState.CLOSING:
+            return
+        if not self.answers_close:
+            self.record.state = ConnState.CLOSING
+            await self._gone.wait()
             return
         delay = self.record.script.close_delay_ms
         if delay > 0 and self.server.clock is not None:
@@ -626,6 +663,8 @@ class MemoryTransport:
         if self._ended is not None:
             return
         self._ended = failure
+        self._flow.set()
+        self._gone.set()
         self.record.finish(by, code, reason)
         if self._late is not None:
             self._late.cancel()
