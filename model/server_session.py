@@ -34,6 +34,7 @@ Exceptions::
 from __future__ import annotations
 
 import re
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -65,11 +66,13 @@ __all__ = [
     "DEFAULT_CONNECTION_TIMEOUT_MS",
     "DEFAULT_HEARTBEAT_INTERVAL_MS",
     "DEFAULT_MAX_MESSAGE_BYTES",
+    "DEFAULT_MAX_OUTBOX_BYTES",
     "DEFAULT_RATE_LIMIT_WINDOW_MS",
     "ENV_CONNECTION_TIMEOUT_MS",
     "ENV_HEARTBEAT_INTERVAL_MS",
     "HANDSHAKE_ERROR",
     "HEARTBEAT_TIMEOUT",
+    "MAX_CLOSE_TIMEOUT_MS",
     "MAX_INTERVAL_MS",
     "MESSAGE_TOO_BIG",
     "ORIGIN_FORBIDDEN",
@@ -77,13 +80,16 @@ __all__ = [
     "SERVER_FULL",
     "SHUTDOWN",
     "UNSUPPORTED_LEGACY_DATA",
+    "UPGRADE_REQUIRED",
     "Action",
     "ClientRoute",
     "Close",
+    "CloseRecord",
     "ConfigError",
     "Deliver",
     "HttpRefusal",
     "LegacyRoute",
+    "Outbox",
     "SendText",
     "ServerConfig",
     "ServerSession",
@@ -93,9 +99,11 @@ __all__ = [
     "encode_server_message",
     "is_sendable_close_code",
     "legacy_echo",
+    "legacy_reply",
     "match_route",
     "normalize_origins",
     "origin_allowed",
+    "utf8_size",
 ]
 
 
@@ -176,10 +184,14 @@ DEFAULT_HEARTBEAT_INTERVAL_MS: Final = 25_000
 DEFAULT_CONNECTION_TIMEOUT_MS: Final = 30_000
 DEFAULT_MAX_MESSAGE_BYTES: Final = 1 << 20
 DEFAULT_RATE_LIMIT_WINDOW_MS: Final = 1000
+DEFAULT_MAX_OUTBOX_BYTES: Final = 4 << 20
 
 MAX_INTERVAL_MS: Final = 2**31 - 1
 """Largest accepted interval or timeout: a browser's ``setTimeout`` overflows above it, and a
 client arms its own timers from the hello's ``heartbeat_interval_ms``."""
+
+MAX_CLOSE_TIMEOUT_MS: Final = 10_000
+"""The close timeout is the connection timeout, but never more than this."""
 
 _DIGITS = re.compile(r"[0-9]+")
 
@@ -235,6 +247,9 @@ class ServerConfig:
             (a token bucket: bursts up to this many, refilled evenly over the window); a faster
             client is closed with 4429 ``Rate limit exceeded``. ``None``: no limit.
         rate_limit_window_ms: the window of the rate limit (1000 ms by default).
+        max_outbox_bytes: how many bytes of messages (UTF-8) may wait, per connection, to be
+            written to the client (4 MiB by default). A push that does not fit is refused (see
+            :class:`Outbox`); the connection stays open.
 
     Raises:
         ConfigError: a value is not a positive integer (intervals at most :data:`MAX_INTERVAL_MS`),
@@ -248,6 +263,7 @@ class ServerConfig:
     max_connections: int | None = None
     rate_limit_messages: int | None = None
     rate_limit_window_ms: int = DEFAULT_RATE_LIMIT_WINDOW_MS
+    max_outbox_bytes: int = DEFAULT_MAX_OUTBOX_BYTES
 
     def __post_init__(self) -> None:
         _check_positive("heartbeat_interval_ms", self.heartbeat_interval_ms, MAX_INTERVAL_MS)
@@ -258,6 +274,7 @@ class ServerConfig:
         if self.rate_limit_messages is not None:
             _check_positive("rate_limit_messages", self.rate_limit_messages, None)
         _check_positive("rate_limit_window_ms", self.rate_limit_window_ms, MAX_INTERVAL_MS)
+        _check_positive("max_outbox_bytes", self.max_outbox_bytes, None)
         if self.allowed_origins is not None:
             if isinstance(self.allowed_origins, str) or not all(
                 isinstance(o, str) for o in self.allowed_origins
@@ -280,6 +297,7 @@ class ServerConfig:
         max_connections: int | None = None,
         rate_limit_messages: int | None = None,
         rate_limit_window_ms: int | None = None,
+        max_outbox_bytes: int | None = None,
     ) -> ServerConfig:
         """Build a config: an explicit argument wins, then the environment, then the default.
 
@@ -318,6 +336,9 @@ class ServerConfig:
                 if rate_limit_window_ms is None
                 else rate_limit_window_ms
             ),
+            max_outbox_bytes=(
+                DEFAULT_MAX_OUTBOX_BYTES if max_outbox_bytes is None else max_outbox_bytes
+            ),
         )
 
     @property
@@ -330,6 +351,14 @@ class ServerConfig:
         if self.rate_limit_messages is None:
             return None
         return TokenBucket(self.rate_limit_messages, self.rate_limit_window, now)
+
+    @property
+    def close_timeout(self) -> float:
+        """How long a closing handshake may take before the connection is aborted (seconds).
+
+        The connection timeout, at most 10 s: a shutdown waits this long for its connections.
+        """
+        return min(self.connection_timeout, MAX_CLOSE_TIMEOUT_MS / 1000)
 
     @property
     def heartbeat_interval(self) -> float:
@@ -381,6 +410,10 @@ ORIGIN_FORBIDDEN: Final = HttpRefusal(403, "Origin not allowed\n")
 SERVER_FULL: Final = HttpRefusal(503, "Too many connections\n")
 """:attr:`ServerConfig.max_connections` connections are already open."""
 
+UPGRADE_REQUIRED: Final = HttpRefusal(426, "Upgrade Required\n")
+"""A plain HTTP request (no ``Upgrade: websocket``) for one of the WebSocket paths. Sent with an
+``Upgrade: websocket`` header; every other path is 404 whatever the request."""
+
 
 def admit(
     config: ServerConfig, origins: Sequence[str], open_connections: int
@@ -407,26 +440,53 @@ class TokenBucket:
 
     Pure: time comes in as ``now`` (monotonic seconds). :meth:`take` spends one token and says
     whether there was one, so a client may burst ``capacity`` frames and then keep to the rate.
+
+    Between :meth:`pause` and :meth:`resume` the server is not reading (its application has not
+    taken what was read), so frames the client sent meanwhile are read later in a burst. The
+    bucket credits the paused time in full, above ``capacity``: a client keeping to the rate is
+    never closed because the server was slow to read it. The credit above capacity is spent
+    first and never refilled.
     """
 
-    __slots__ = ("_rate", "_updated", "capacity", "tokens")
+    __slots__ = ("_paused_at", "_rate", "_updated", "capacity", "tokens")
 
     def __init__(self, capacity: int, window: float, now: float) -> None:
         self.capacity = float(capacity)
         self._rate = capacity / window
         self.tokens = float(capacity)
         self._updated = now
+        self._paused_at: float | None = None
+
+    def _refill(self, now: float) -> None:
+        elapsed = now - self._updated
+        if elapsed > 0:
+            if self.tokens < self.capacity:
+                self.tokens = min(self.capacity, self.tokens + elapsed * self._rate)
+            self._updated = now
 
     def take(self, now: float) -> bool:
         """Spend one token at ``now``; False when the bucket is empty (the frame is too many)."""
-        elapsed = now - self._updated
-        if elapsed > 0:
-            self.tokens = min(self.capacity, self.tokens + elapsed * self._rate)
-            self._updated = now
+        self._refill(now)
         if self.tokens >= 1.0:
             self.tokens -= 1.0
             return True
         return False
+
+    def pause(self, now: float) -> None:
+        """The server stops reading at ``now`` (until :meth:`resume`); idempotent."""
+        if self._paused_at is None:
+            self._refill(now)
+            self._paused_at = now
+
+    def resume(self, now: float) -> None:
+        """The server reads again: credit the paused time at the full rate, above capacity."""
+        if self._paused_at is None:
+            return
+        paused = max(0.0, now - self._paused_at)
+        self._paused_at = None
+        self._refill(now - paused)
+        self.tokens += paused * self._rate
+        self._updated = max(self._updated, now)
 
 
 # --------------------------------------------------------------------------------------------
@@ -434,7 +494,6 @@ class TokenBucket:
 # --------------------------------------------------------------------------------------------
 
 CLIENT_PATH: Final = "/ws/client"
-_LEGACY_PREFIX = "/ws/"
 
 
 @dataclass(frozen=True, slots=True)
@@ -454,25 +513,159 @@ class LegacyRoute:
 def match_route(target: str) -> ClientRoute | LegacyRoute | None:
     """Map a request target (path and optional query) to an endpoint; ``None`` means HTTP 404.
 
+    The path is split on ``/`` first, then each segment is percent-decoded exactly once, so
+    ``/ws/%63lient`` is ``/ws/client`` (never the legacy echo of a client called ``client``),
+    while ``%2F`` inside a segment stays part of it. Every adapter passes the target as it
+    arrived on the wire (``raw_path`` under ASGI), so both decode the same way.
+
     ``/ws/client`` is matched first, so the legacy route can never shadow it (the origin's route
     order did). The legacy route takes exactly one non-empty segment: ``/ws/abc`` matches,
-    ``/ws/``, ``/ws/a/b`` and ``/ws/client/`` do not. Paths compare byte for byte, as they
-    arrive; no slash collapsing or case folding.
+    ``/ws/``, ``/ws/a/b`` and ``/ws/client/`` do not. No slash collapsing or case folding.
     """
     path, _, query = target.partition("?")
     path = path.partition("#")[0]
-    if path == CLIENT_PATH:
-        return ClientRoute(query.partition("#")[0])
-    if path.startswith(_LEGACY_PREFIX):
-        segment = path[len(_LEGACY_PREFIX) :]
-        if segment and "/" not in segment:
-            return LegacyRoute(unquote(segment))
+    segments = [unquote(segment, errors="replace") for segment in path.split("/")]
+    if len(segments) == 3 and segments[0] == "" and segments[1] == "ws":
+        if segments[2] == "client":
+            return ClientRoute(query.partition("#")[0])
+        if segments[2]:
+            return LegacyRoute(segments[2])
     return None
 
 
 def legacy_echo(text: str) -> SendText:
     """The legacy endpoint's reply to a text frame: ``Echo: <text>``, as the origin sent it."""
     return SendText(f"Echo: {text}")
+
+
+def legacy_reply(data: str | bytes, max_message_bytes: int) -> SendText | Close:
+    """The legacy endpoint's answer to one frame: the echo, 1009 when it is over
+    ``max_message_bytes`` (checked first, as for ``/ws/client``), 1003 for a binary frame."""
+    if isinstance(data, bytes):
+        if len(data) > max_message_bytes:
+            return MESSAGE_TOO_BIG
+        return UNSUPPORTED_LEGACY_DATA
+    if _utf8_length_exceeds(data, max_message_bytes):
+        return MESSAGE_TOO_BIG
+    return legacy_echo(data)
+
+
+def utf8_size(text: str) -> int:
+    """The UTF-8 length of ``text``, counted without encoding it when it is ASCII."""
+    if text.isascii():
+        return len(text)
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+class Outbox:
+    """What the server has pushed to one connection and not yet written to it.
+
+    A FIFO of text frames bounded in UTF-8 bytes by ``limit``
+    (:attr:`ServerConfig.max_outbox_bytes`). A push never waits: :meth:`offer` queues the text
+    and returns True, or refuses it and returns False. The policy:
+
+    - a text that fits (queued bytes + its size <= ``limit``) is queued;
+    - into an empty outbox any one text is queued, however large, so a message the server may
+      send at all can always be sent to a client that keeps up;
+    - anything else is refused and counted (:attr:`refused`); what is queued stays, in order,
+      and the connection stays open. The caller learns it from the False (``send()`` returns
+      it, ``broadcast()`` does not count that client).
+
+    Memory per connection therefore stays below ``limit`` plus one message, whatever the client
+    does. A client that stops reading altogether is not this class's business: the writer
+    bounds each frame's write by the connection timeout and aborts the connection past it.
+
+    After :meth:`seal` (the connection is closing) every offer is refused, uncounted.
+    """
+
+    __slots__ = ("_items", "limit", "queued_bytes", "refused", "sealed")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._items: deque[tuple[str, int]] = deque()
+        self.queued_bytes = 0
+        """The UTF-8 bytes waiting."""
+        self.refused = 0
+        """How many offers did not fit."""
+        self.sealed = False
+        """True once :meth:`seal` was called: no more offers are taken."""
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def offer(self, text: str) -> bool:
+        """Queue ``text`` if it fits; False if it does not (see the class) or the box is sealed."""
+        if self.sealed:
+            return False
+        size = utf8_size(text)
+        if self._items and self.queued_bytes + size > self.limit:
+            self.refused += 1
+            return False
+        self._items.append((text, size))
+        self.queued_bytes += size
+        return True
+
+    def take(self) -> str | None:
+        """The oldest queued text, removed; None when empty."""
+        if not self._items:
+            return None
+        text, size = self._items.popleft()
+        self.queued_bytes -= size
+        return text
+
+    def clear(self) -> int:
+        """Drop everything queued; returns how many texts were dropped."""
+        dropped = len(self._items)
+        self._items.clear()
+        self.queued_bytes = 0
+        return dropped
+
+    def seal(self) -> None:
+        """Refuse every later offer (what is queued stays, to be flushed before the close)."""
+        self.sealed = True
+
+
+class CloseRecord:
+    """How a connection ended, as ``on_disconnect`` and ``Client.close_code`` report it.
+
+    The first close of the connection wins, whichever side made it:
+
+    - the server decided to close (its own protocol close, the application's
+      ``client.close()``, shutdown): the code and reason it closed with, even if
+      the client never answered or the close frame could not be written;
+    - the client's close frame arrived first: its code and reason (1005 if it had no code);
+    - neither, and the connection was lost (TCP reset or EOF, a write stalled past the
+      connection timeout and aborted): 1006.
+
+    Every transport adapter feeds the same three events, so both adapters give one answer for
+    one input.
+    """
+
+    __slots__ = ("code", "reason")
+
+    def __init__(self) -> None:
+        self.code: int | None = None
+        """The code decided so far; None while nothing has happened."""
+        self.reason = ""
+
+    def server_closed(self, code: int, reason: str) -> bool:
+        """The server starts closing; False if the connection had already ended or closed."""
+        return self._first(code, reason)
+
+    def peer_closed(self, code: int, reason: str) -> bool:
+        """The client's close frame arrived; False if something came first."""
+        return self._first(code, reason)
+
+    def lost(self) -> bool:
+        """The connection ended without a close frame either way; False if something came first."""
+        return self._first(CloseCode.ABNORMAL, "")
+
+    def _first(self, code: int, reason: str) -> bool:
+        if self.code is not None:
+            return False
+        self.code = int(code)
+        self.reason = reason
+        return True
 
 
 def encode_server_message(message: Mapping[str, Any], wall: datetime) -> str:
@@ -535,6 +728,7 @@ class ServerSession:
         "_bucket",
         "_config",
         "_dead_at",
+        "_held",
         "_interval",
         "_last_heartbeat",
         "_next_ping_at",
@@ -568,6 +762,7 @@ class ServerSession:
         self._dead_at: float | None = None
         self._last_heartbeat: str | None = None
         self._bucket: TokenBucket | None = None
+        self._held = False
 
     # ---- opening ---------------------------------------------------------------------------
 
@@ -670,6 +865,44 @@ class ServerSession:
         error = make_error(wall, ErrorCode.UNSUPPORTED_DATA, _BINARY_TEXT)
         return [SendText(error.serialize())]
 
+    def receive_control(self, *, now: float) -> list[Action]:
+        """A protocol-level Ping arrived (the transport answers it): it counts against the rate
+        limit like any frame (4429 when over) and is a sign of life."""
+        if self.state is not SessionState.OPEN:
+            return []
+        self._dead_at = None
+        if self._bucket is not None and not self._bucket.take(now):
+            self.state = SessionState.CLOSED
+            return [RATE_LIMITED]
+        return []
+
+    # ---- the server not reading -------------------------------------------------------------
+
+    def hold(self, *, now: float) -> None:
+        """The runtime stops reading at ``now``: the application has not yet taken the messages
+        already read (its handler or ``on_connect`` hook is still running).
+
+        While held, the client's silence is the server's doing, so the dead-client rule does not
+        close it, and the rate limit credits the held time (:meth:`TokenBucket.pause`).
+        """
+        self._held = True
+        if self._bucket is not None:
+            self._bucket.pause(now)
+
+    def release(self, *, now: float) -> None:
+        """The runtime reads again. Frames were waiting to be read, so this counts as activity."""
+        if not self._held:
+            return
+        self._held = False
+        self._dead_at = None
+        if self._bucket is not None:
+            self._bucket.resume(now)
+
+    @property
+    def held(self) -> bool:
+        """Whether the runtime is between :meth:`hold` and :meth:`release`."""
+        return self._held
+
     # ---- time ------------------------------------------------------------------------------
 
     def next_deadline(self) -> float | None:
@@ -679,7 +912,7 @@ class ServerSession:
         """
         if self.state is not SessionState.OPEN:
             return None
-        if self._dead_at is not None and self._dead_at < self._next_ping_at:
+        if self._dead_at is not None and self._dead_at < self._next_ping_at and not self._held:
             return self._dead_at
         return self._next_ping_at
 
@@ -694,7 +927,7 @@ class ServerSession:
         """
         if self.state is not SessionState.OPEN:
             return []
-        if self._dead_at is not None and now >= self._dead_at:
+        if self._dead_at is not None and now >= self._dead_at and not self._held:
             self.state = SessionState.CLOSED
             return [HEARTBEAT_TIMEOUT]
         if now < self._next_ping_at:

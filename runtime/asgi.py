@@ -46,12 +46,14 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, Final, Unpack
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from steadysocket.model.protocol import CloseCode
 from steadysocket.model.server_session import (
     SHUTDOWN,
+    UPGRADE_REQUIRED,
     ClientRoute,
+    CloseRecord,
     match_route,
 )
 from steadysocket.runtime.server import EndpointOptions, Endpoints
@@ -72,23 +74,45 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 """The ASGI ``send`` callable."""
 
-_MAX_CLOSE_TIMEOUT: Final = 10.0
 _NOT_FOUND_BODY: Final = b"Not Found\n"
 _HTTP_RESPONSE_EXTENSION: Final = "websocket.http.response"
 _NO_STATUS: Final = 1005
 
 
 def _route_target(scope: Scope) -> str:
-    """The request target as :func:`match_route` expects it: route path and raw query."""
+    """The request target as :func:`match_route` expects it: the route path as it arrived on
+    the wire (``raw_path``, percent-encoding intact, ``root_path`` removed) and the raw query.
+
+    ``match_route`` decodes each segment once, so ``/ws/%63lient`` and ``/ws/a%2Fb`` mean the
+    same here as on SteadyServer. A server that gives no ``raw_path`` (or one that does not
+    decode to ``path``) gets ``path`` percent-encoded again.
+    """
     path: str = scope["path"]
     root_path: str = scope.get("root_path", "")
-    if root_path and path.startswith(root_path):
-        rest = path[len(root_path) :]
-        if rest == "" or rest.startswith("/"):
-            path = rest
+    raw_bytes = scope.get("raw_path")
+    raw = None if raw_bytes is None else bytes(raw_bytes).decode("latin-1")
+    target: str | None = None
+    if raw is not None and unquote(raw) == path:
+        target = raw
+        if root_path:
+            target = _strip_raw_prefix(raw, root_path)
+    if target is None:
+        if root_path and path.startswith(root_path):
+            rest = path[len(root_path) :]
+            if rest == "" or rest.startswith("/"):
+                path = rest
+        target = quote(path, safe="/")
     query = bytes(scope.get("query_string", b"")).decode("latin-1")
-    target = quote(path, safe="/")
     return f"{target}?{query}" if query else target
+
+
+def _strip_raw_prefix(raw: str, root_path: str) -> str | None:
+    """``raw`` without the leading segments that decode to ``root_path``; None if none do."""
+    segments = raw.split("/")
+    for count in range(1, len(segments) + 1):
+        if unquote("/".join(segments[:count])) == root_path:
+            return "/" + "/".join(segments[count:]) if count < len(segments) else ""
+    return None
 
 
 def _origins(scope: Scope) -> list[str]:
@@ -98,11 +122,18 @@ def _origins(scope: Scope) -> list[str]:
     ]
 
 
-async def _respond(send: Send, prefix: str, status: int, body: bytes) -> None:
+async def _respond(
+    send: Send,
+    prefix: str,
+    status: int,
+    body: bytes,
+    extra: list[tuple[bytes, bytes]] | None = None,
+) -> None:
     """A plain-text HTTP response through ``http.response`` or ``websocket.http.response``."""
     headers = [
         (b"content-type", b"text/plain; charset=utf-8"),
         (b"content-length", str(len(body)).encode("ascii")),
+        *(extra or ()),
     ]
     await send({"type": f"{prefix}.response.start", "status": status, "headers": headers})
     await send({"type": f"{prefix}.response.body", "body": body})
@@ -125,78 +156,44 @@ class _ASGILink:
     """:class:`~steadysocket.runtime.server.Link` over one accepted ASGI WebSocket.
 
     ASGI sends are serialised by a lock, and nothing is sent after ``websocket.close`` (servers
-    raise on that). :meth:`abort` has no ASGI counterpart; it stops this link and cancels the
-    connection's task, whose return makes the server drop the socket without a close frame.
+    raise on that). :meth:`abort` has no ASGI counterpart: it marks the link closed, and the
+    pump stops reading it, so the connection's task returns and the server drops the socket.
+
+    How the connection ended follows the model's :class:`CloseRecord`: the server's own close
+    is recorded by the pump; a ``websocket.disconnect`` is the client's close with its code,
+    except that a 1005 without a ``reason`` key is how uvicorn reports a lost connection (no
+    close frame), which reads 1006 as on SteadyServer; a send that fails is a lost connection.
     """
 
     __slots__ = (
-        "_abort_requested",
-        "_close_reason",
         "_close_started",
-        "_close_timeout",
         "_closed",
-        "_code",
         "_lock",
         "_receive",
         "_send",
-        "_task",
-        "finished",
+        "close_record",
         "remote_address",
     )
 
-    def __init__(
-        self,
-        receive: Receive,
-        send: Send,
-        *,
-        remote_address: str,
-        close_timeout: float,
-        task: asyncio.Task[Any] | None,
-    ) -> None:
+    def __init__(self, receive: Receive, send: Send, *, remote_address: str) -> None:
         self._receive = receive
         self._send = send
-        self._close_timeout = close_timeout
-        self._task = task
         self._lock = asyncio.Lock()
-        self._closed = asyncio.Event()
+        self._closed = False
         self._close_started = False
-        self._abort_requested = False
-        self._code: int | None = None
-        self._close_reason: str | None = None
+        self.close_record = CloseRecord()
         self.remote_address = remote_address
-        self.finished = asyncio.Event()
-        """Set when the connection's handler has returned."""
 
-    # ---- state ------------------------------------------------------------------------------
-
-    @property
-    def close_code(self) -> int | None:
-        return self._code
-
-    @property
-    def close_reason(self) -> str | None:
-        return self._close_reason
-
-    @property
-    def cancelled_its_task(self) -> bool:
-        """Whether :meth:`abort` cancelled the connection's task (to be uncancelled once)."""
-        return self._abort_requested
-
-    def detach(self) -> None:
-        """The connection's handler is returning: :meth:`abort` must no longer cancel it."""
-        self._task = None
-        self.finished.set()
-
-    def _ended(self, code: int, reason: str) -> None:
-        if self._code is None:
-            self._code = code
-            self._close_reason = reason
-        self._closed.set()
-
-    # ---- Link -------------------------------------------------------------------------------
+    def _disconnected(self, message: Message) -> None:
+        code = int(message.get("code", _NO_STATUS))
+        if code == _NO_STATUS and "reason" not in message:
+            self.close_record.lost()
+        else:
+            self.close_record.peer_closed(code, message.get("reason") or "")
+        self._closed = True
 
     async def receive(self) -> str | bytes | None:
-        while not self._closed.is_set():
+        while not self._closed:
             message = await self._receive()
             kind = message.get("type")
             if kind == "websocket.receive":
@@ -207,60 +204,46 @@ class _ASGILink:
                 if data is not None:
                     return bytes(data)
             elif kind == "websocket.disconnect":
-                self._ended(int(message.get("code", _NO_STATUS)), message.get("reason") or "")
+                self._disconnected(message)
         return None
 
     async def send(self, text: str) -> bool:
-        if self._closed.is_set():
+        if self._closed or self._close_started:
             return False
         async with self._lock:
-            if self._closed.is_set():
+            if self._closed or self._close_started:
                 return False
             try:
                 await self._send({"type": "websocket.send", "text": text})
             except OSError:
                 # ASGI 2.4: a send on a connection the client closed raises an OSError.
-                self._ended(CloseCode.ABNORMAL, "")
+                self.close_record.lost()
                 return False
             except Exception:
                 # Older servers raise other errors once they closed the socket themselves.
-                logger.warning("send to %s failed", self.remote_address, exc_info=True)
-                self._ended(CloseCode.ABNORMAL, "")
+                logger.debug("send to %s failed", self.remote_address, exc_info=True)
+                self.close_record.lost()
                 return False
         return True
 
     async def close(self, code: int, reason: str) -> None:
-        if self._close_started or self._closed.is_set():
+        if self._close_started or self._closed:
             return
         self._close_started = True
         try:
-            async with asyncio.timeout(self._close_timeout), self._lock:
-                if not self._closed.is_set():
+            async with self._lock:
+                if not self._closed:
                     message = {"type": "websocket.close", "code": int(code), "reason": reason}
                     await self._send(message)
-        except TimeoutError:
-            logger.warning("%s did not take its close frame; aborting", self.remote_address)
-            self.abort()
-            return
         except OSError:
-            pass
+            self.close_record.lost()
         except Exception:
-            logger.warning("close of %s failed", self.remote_address, exc_info=True)
-        self._ended(code, reason)
-
-    async def wait_closed(self) -> None:
-        await self._closed.wait()
+            logger.debug("close of %s failed", self.remote_address, exc_info=True)
+            self.close_record.lost()
 
     def abort(self) -> None:
-        self._ended(CloseCode.ABNORMAL, "")
-        task = self._task
-        if self._abort_requested or task is None or task.done():
-            return
-        if task is asyncio.current_task():
-            # The connection's own task sees the closed link at its next receive and returns.
-            return
-        self._abort_requested = True
-        task.cancel()
+        self.close_record.lost()
+        self._closed = True
 
 
 # --------------------------------------------------------------------------------------------
@@ -282,13 +265,12 @@ class SteadyASGI(Endpoints):
 
     def __init__(self, **options: Unpack[EndpointOptions]) -> None:
         super().__init__(**options)
-        self._links: set[_ASGILink] = set()
-        self._closing = False
+        self._admitted = 0
 
     @property
     def closing(self) -> bool:
         """True from :meth:`close` until the next ``lifespan.startup``: upgrades get 1001."""
-        return self._closing
+        return self._stopping
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The ASGI 3 entry point.
@@ -300,7 +282,7 @@ class SteadyASGI(Endpoints):
         if kind == "websocket":
             await self._websocket(scope, receive, send)
         elif kind == "http":
-            await self._not_found(send, "http")
+            await self._http(scope, send)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
         else:
@@ -309,59 +291,47 @@ class SteadyASGI(Endpoints):
     async def close(self) -> None:
         """Close every connection with 1001 ``Server shutting down`` and wait until all ended.
 
-        Upgrades that arrive afterwards are accepted and closed with 1001 too, until the next
-        ``lifespan.startup``. Connections that do not finish within the close timeout are
-        aborted. Idempotent; ``lifespan.shutdown`` calls it.
+        Bounded as :meth:`~steadysocket.runtime.server.Endpoints.close_clients` is: within the
+        close timeout plus about 1 s, whatever the clients, hooks and handlers do. Upgrades that
+        arrive afterwards are accepted and closed with 1001 too, until the next
+        ``lifespan.startup``. Idempotent and safe to call concurrently; ``lifespan.shutdown``
+        calls it. Called from one of this app's hooks or handlers, it returns normally once every
+        other connection has ended; the caller's own connection (already sent 1001) ends when
+        its hook or handler returns.
         """
-        self._closing = True
         await self.close_clients()
-        # Connections still sending their hello are not in ``clients`` yet.
-        async with asyncio.TaskGroup() as group:
-            for link in tuple(self._links):
-                group.create_task(link.close(SHUTDOWN.code, SHUTDOWN.reason))
-        if await self._all_finished():
-            return
-        for link in tuple(self._links):
-            link.abort()
-        if not await self._all_finished():
-            logger.warning("%d connection(s) still running after close()", len(self._links))
-
-    async def _all_finished(self) -> bool:
-        try:
-            async with asyncio.timeout(self._close_timeout):
-                for link in tuple(self._links):
-                    await link.finished.wait()
-        except TimeoutError:
-            return False
-        return True
 
     # ---- scopes -----------------------------------------------------------------------------
-
-    @property
-    def _close_timeout(self) -> float:
-        return min(self.config.connection_timeout, _MAX_CLOSE_TIMEOUT)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                self._closing = False
+                self._stopping = False
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await self.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    async def _not_found(self, send: Send, prefix: str) -> None:
-        await _respond(send, prefix, 404, _NOT_FOUND_BODY)
+    async def _http(self, scope: Scope, send: Send) -> None:
+        """A plain HTTP request: 426 on the WebSocket paths (as SteadyServer), else 404."""
+        if match_route(_route_target(scope)) is None:
+            await _respond(send, "http", 404, _NOT_FOUND_BODY)
+        else:
+            body = UPGRADE_REQUIRED.body.encode()
+            await _respond(
+                send, "http", UPGRADE_REQUIRED.status, body, [(b"upgrade", b"websocket")]
+            )
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (await receive())["type"] != "websocket.connect":
             return
         route = match_route(_route_target(scope))
+        extensions = scope.get("extensions") or {}
         if route is None:
-            if _HTTP_RESPONSE_EXTENSION in (scope.get("extensions") or {}):
-                await self._not_found(send, "websocket.http")
+            if _HTTP_RESPONSE_EXTENSION in extensions:
+                await _respond(send, "websocket.http", 404, _NOT_FOUND_BODY)
             else:
                 # Before the accept a close is an HTTP 403; the code never reaches the client.
                 await send(
@@ -372,7 +342,8 @@ class SteadyASGI(Endpoints):
                     }
                 )
             return
-        refusal = self.admission(_origins(scope), len(self._links))
+        # The check and the taking of the slot happen with no await in between.
+        refusal = self.admission(_origins(scope), self._admitted)
         if refusal is not None:
             logger.info(
                 "refused %s: HTTP %d %s",
@@ -380,36 +351,24 @@ class SteadyASGI(Endpoints):
                 refusal.status,
                 refusal.body.strip(),
             )
-            if _HTTP_RESPONSE_EXTENSION in (scope.get("extensions") or {}):
+            if _HTTP_RESPONSE_EXTENSION in extensions:
                 await _respond(send, "websocket.http", refusal.status, refusal.body.encode())
             else:
                 # Without the extension the server can only turn this into HTTP 403.
                 await send({"type": "websocket.close", "code": int(CloseCode.POLICY_VIOLATION)})
             return
+        self._admitted += 1
         try:
-            await send({"type": "websocket.accept"})
-        except OSError:
-            return  # the client left during the upgrade
-        task = asyncio.current_task()
-        link = _ASGILink(
-            receive,
-            send,
-            remote_address=_describe_peer(scope),
-            close_timeout=self._close_timeout,
-            task=task,
-        )
-        self._links.add(link)
-        try:
-            if self._closing:
+            try:
+                await send({"type": "websocket.accept"})
+            except OSError:
+                return  # the client left during the upgrade
+            link = _ASGILink(receive, send, remote_address=_describe_peer(scope))
+            if self._stopping:
                 await link.close(SHUTDOWN.code, SHUTDOWN.reason)
             elif isinstance(route, ClientRoute):
                 await self.serve_client(link, route.query)
             else:
                 await self.serve_legacy(link, route.client_id)
-        except asyncio.CancelledError:
-            # abort() cancelled this task: the connection is over, not the server.
-            if task is None or not link.cancelled_its_task or task.uncancel() > 0:
-                raise
         finally:
-            link.detach()
-            self._links.discard(link)
+            self._admitted -= 1

@@ -1,25 +1,29 @@
 """The steadysocket server: a pump around the model's ServerSession, served by websockets.
 
-Every protocol decision (routes, query checks, hello, ping schedule, dead-client rule, replies)
-is made by :class:`steadysocket.model.server_session.ServerSession`. This module carries out its
-actions over a connection, runs the application's hooks, and owns the tasks. It has two layers:
+Every protocol decision (routes, query checks, hello, ping schedule, dead-client rule, replies,
+the outbox bound, how a connection's end is reported) is made by
+:mod:`steadysocket.model.server_session`. This module carries out its actions over a
+connection, runs the application's hooks, and owns the tasks. It has two layers:
 
 - :class:`Endpoints`: the application-facing half (handlers, hooks, connected clients,
-  ``send_to``/``broadcast``) and the per-connection pump, written against :class:`Link`, a
-  small protocol any WebSocket transport can implement. An ASGI adapter subclasses it too.
-- :class:`SteadyServer`: ``Endpoints`` on websockets' asyncio server, with routing, HTTP 404,
-  the open timeout, the size limit and graceful shutdown.
+  ``send_to``/``broadcast``, bounded shutdown) and the per-connection pump, written against
+  :class:`Link`, a small protocol any WebSocket transport can implement. The ASGI adapter
+  subclasses it too.
+- :class:`SteadyServer`: ``Endpoints`` on websockets' asyncio server, with routing, HTTP 404
+  and 426, the open timeout, the size limit and graceful, bounded shutdown.
 
-Tasks: websockets creates one handler task per connection; inside it, an
-:class:`asyncio.TaskGroup` runs a reader and a heartbeat task for ``/ws/client``. Broadcasts run
-their sends in a TaskGroup too. Nothing else is started, so after :meth:`SteadyServer.close`
-nothing is left running.
+Tasks: websockets creates one handler task per connection. In it, an :class:`asyncio.TaskGroup`
+runs a reader (every frame is read as it arrives) and a writer (the connection's outbox, the
+pings, the close frame), while the handler task itself runs ``on_connect`` and then the
+message handlers in order. Pushes only queue into the bounded outbox. Nothing else is started,
+so after :meth:`SteadyServer.close` nothing is left running.
 
 Endpoints:
 
 - ``/ws/client?client_id=…&version=1&role=frontend``: the upgrade is always accepted first, so a
   refusal reaches any client as a close frame (4400, 4401, 1008, 4500);
 - ``/ws/{client_id}``: the legacy plain-text echo (``Echo: <text>``), no hello;
+- a plain HTTP request for either: HTTP 426 ``Upgrade Required``;
 - anything else: HTTP 404.
 
 Keepalive decision: websockets' protocol-level keepalive (Ping/Pong control frames) is **off**
@@ -32,50 +36,67 @@ within the connection timeout), the only way to notice a dead legacy peer.
 Admission and limits (all off unless configured, see ``ServerConfig``): before the upgrade,
 the model's ``admit()`` answers a forbidden ``Origin`` with HTTP 403 and a server at
 ``max_connections`` with HTTP 503; after it, the session closes a client that sends faster
-than its rate limit with 4429 ``Rate limit exceeded``. ``ssl=`` serves ``wss://``.
+than its rate limit with 4429 ``Rate limit exceeded`` (messages and protocol Pings count, as
+they arrive). ``ssl=`` serves ``wss://``.
 
-Slow readers: every send is bounded by the connection timeout. A client whose send does not
-complete in time has stopped reading; its connection is aborted (a close frame could not reach
-it anyway) and it ends like any lost connection.
+Slow readers: a push goes to the connection's outbox, bounded by ``max_outbox_bytes``; one that
+does not fit is refused (``send()`` returns False). Each frame's write is bounded by the
+connection timeout and a close by the close timeout; past either the connection is aborted, so
+a client that stopped reading is dropped (1006) and its memory freed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import http
 import logging
 import os
 import signal
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from datetime import UTC, datetime
 from ssl import SSLContext
 from types import TracebackType
-from typing import Any, Literal, Protocol, Self, TypedDict, TypeVar, Unpack
+from typing import (
+    Any,
+    Literal,
+    Protocol,
+    Self,
+    TypedDict,
+    TypeVar,
+    Unpack,
+    runtime_checkable,
+)
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
-from websockets.protocol import State
+from websockets.protocol import Event, State
 
 from steadysocket.model.protocol import CloseCode, MessageType
 from steadysocket.model.server_session import (
     RATE_LIMITED,
     SHUTDOWN,
-    UNSUPPORTED_LEGACY_DATA,
+    UPGRADE_REQUIRED,
     Action,
     ClientRoute,
     Close,
+    CloseRecord,
     Deliver,
     HttpRefusal,
     LegacyRoute,
+    Outbox,
     SendText,
     ServerConfig,
     ServerSession,
     SessionState,
+    TokenBucket,
     admit,
     encode_server_message,
-    legacy_echo,
+    legacy_reply,
     match_route,
 )
 
@@ -83,9 +104,11 @@ __all__ = [
     "Client",
     "ConnectHook",
     "DisconnectHook",
+    "EndpointOptions",
     "Endpoints",
     "Link",
     "MessageHandler",
+    "PingAware",
     "SteadyServer",
     "echo_handler",
     "serve_until_signalled",
@@ -97,7 +120,7 @@ MessageHandler = Callable[[dict[str, Any], "Client"], Awaitable[None]]
 """``async def handler(message, client)``: one application message and the client it came from."""
 
 ConnectHook = Callable[["Client"], Awaitable[None]]
-"""``async def hook(client)``: after the hello was sent, before the first message is read."""
+"""``async def hook(client)``: after the hello was queued, before the first handler runs."""
 
 DisconnectHook = Callable[["Client"], Awaitable[None]]
 """``async def hook(client)``: after the connection ended; ``client.close_code`` tells how."""
@@ -106,7 +129,10 @@ _H = TypeVar("_H", bound=MessageHandler)
 _C = TypeVar("_C", bound=ConnectHook)
 
 _RESERVED_TYPES = frozenset({MessageType.PING, MessageType.PONG, MessageType.STATUS})
-_MAX_CLOSE_TIMEOUT = 10.0
+_INBOX_LIMIT = 16
+"""Messages read but not yet handled, per connection; beyond it the reader waits (held)."""
+_FORCE_GRACE = 0.5
+"""Seconds each forced step of a shutdown waits after cancelling (two steps at most)."""
 
 
 def _utc_now() -> datetime:
@@ -125,10 +151,10 @@ def _peer(ws: ServerConnection) -> str:
 
 
 def _describe_close(link: Link) -> str:
-    code, reason = link.close_code, link.close_reason
-    if code is None or code == CloseCode.ABNORMAL:
+    record = link.close_record
+    if record.code is None or record.code == CloseCode.ABNORMAL:
         return "1006 (no close frame)"
-    return f"{code} {reason}" if reason else str(code)
+    return f"{record.code} {record.reason}" if record.reason else str(record.code)
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,7 +166,9 @@ class Link(Protocol):
     """One accepted WebSocket connection, as :class:`Endpoints` drives it.
 
     A transport adapter implements this once (websockets here, ASGI elsewhere). None of the
-    methods raises because the connection is closed; they report it instead.
+    methods raises because the connection is closed; they report it instead. The pump calls
+    :meth:`receive` from one task and :meth:`send` and :meth:`close` from another, one at a time,
+    and bounds the time of each.
     """
 
     @property
@@ -149,13 +177,9 @@ class Link(Protocol):
         ...
 
     @property
-    def close_code(self) -> int | None:
-        """The close code once closed (1006 when no close frame was exchanged), else None."""
-        ...
-
-    @property
-    def close_reason(self) -> str | None:
-        """The close reason once closed, else None."""
+    def close_record(self) -> CloseRecord:
+        """How the connection ended (the model's rule). The pump records the server's own closes
+        and aborts; the link records the client's close frame and a lost connection."""
         ...
 
     async def receive(self) -> str | bytes | None:
@@ -163,15 +187,11 @@ class Link(Protocol):
         ...
 
     async def send(self, text: str) -> bool:
-        """Send a text frame; False if the connection is closed. The caller bounds the time."""
+        """Send a text frame; False if the connection is closed."""
         ...
 
     async def close(self, code: int, reason: str) -> None:
-        """Run the closing handshake with ``code`` and ``reason``; idempotent."""
-        ...
-
-    async def wait_closed(self) -> None:
-        """Return once the connection is closed."""
+        """Send the close frame with ``code`` and ``reason`` and run the closing handshake."""
         ...
 
     def abort(self) -> None:
@@ -179,12 +199,44 @@ class Link(Protocol):
         ...
 
 
+@runtime_checkable
+class PingAware(Protocol):
+    """A :class:`Link` that can report the client's protocol Ping frames as they arrive.
+
+    Such frames are answered by the transport and never reach :meth:`Link.receive`; reporting
+    them lets the rate limit count them (SteadyServer does; an ASGI server keeps them).
+    """
+
+    def on_ping(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` (synchronously) for each Ping frame from now on."""
+        ...
+
+
+class _TrackedConnection(ServerConnection):
+    """A websockets connection that records its close frames and reports Pings (see ``Link``)."""
+
+    close_record: CloseRecord
+    ping_listener: Callable[[], None] | None
+
+    def process_event(self, event: Event) -> None:
+        super().process_event(event)
+        if not isinstance(event, Frame):
+            return
+        if event.opcode is Opcode.PING:
+            if self.ping_listener is not None:
+                self.ping_listener()
+        elif event.opcode is Opcode.CLOSE:
+            rcvd = self.protocol.close_rcvd
+            if rcvd is not None:
+                self.close_record.peer_closed(rcvd.code, rcvd.reason)
+
+
 class _WebSocketsLink:
     """:class:`Link` over a websockets ``ServerConnection``."""
 
     __slots__ = ("ws",)
 
-    def __init__(self, ws: ServerConnection) -> None:
+    def __init__(self, ws: _TrackedConnection) -> None:
         self.ws = ws
 
     @property
@@ -192,17 +244,25 @@ class _WebSocketsLink:
         return _peer(self.ws)
 
     @property
-    def close_code(self) -> int | None:
-        return self.ws.close_code
+    def close_record(self) -> CloseRecord:
+        return self.ws.close_record
 
-    @property
-    def close_reason(self) -> str | None:
-        return self.ws.close_reason
+    def _settle(self) -> None:
+        """The connection is closed: record what websockets did on its own (1009, keepalive)."""
+        record, protocol = self.ws.close_record, self.ws.protocol
+        sent, rcvd = protocol.close_sent, protocol.close_rcvd
+        if sent is not None and not protocol.close_rcvd_then_sent:
+            record.server_closed(sent.code, sent.reason)
+        elif rcvd is not None:
+            record.peer_closed(rcvd.code, rcvd.reason)
+        else:
+            record.lost()
 
     async def receive(self) -> str | bytes | None:
         try:
             return await self.ws.recv()
         except ConnectionClosed:
+            self._settle()
             return None
 
     async def send(self, text: str) -> bool:
@@ -215,11 +275,99 @@ class _WebSocketsLink:
     async def close(self, code: int, reason: str) -> None:
         await self.ws.close(code, reason)
 
-    async def wait_closed(self) -> None:
-        await self.ws.wait_closed()
-
     def abort(self) -> None:
         self.ws.transport.abort()
+
+    def on_ping(self, listener: Callable[[], None]) -> None:
+        self.ws.ping_listener = listener
+
+
+# --------------------------------------------------------------------------------------------
+# One connection's runtime state
+# --------------------------------------------------------------------------------------------
+
+
+class _Conn:
+    """What the pump keeps per connection: the outbox and the inbox, and how it ends.
+
+    Three parts work on it: the reader (reads every frame as it arrives and answers the protocol
+    at once), the writer (sends the outbox in order, the pings, and the close frame) and the
+    dispatcher (runs ``on_connect``, then the handlers in order, in the connection's own task).
+    """
+
+    __slots__ = (
+        "body_scope",
+        "bucket",
+        "client",
+        "close_deadline",
+        "closing",
+        "ended",
+        "finished",
+        "inbox",
+        "inbox_changed",
+        "link",
+        "outbox",
+        "reader",
+        "send_scope",
+        "session",
+        "space",
+        "task_scope",
+        "wake",
+    )
+
+    def __init__(self, link: Link, config: ServerConfig, session: ServerSession | None) -> None:
+        self.link = link
+        self.session = session
+        self.client: Client | None = None
+        self.bucket: TokenBucket | None = None
+        self.outbox = Outbox(config.max_outbox_bytes)
+        self.inbox: deque[Deliver] = deque()
+        self.wake = asyncio.Event()
+        """The writer has something to do: a text queued, a close requested, the end."""
+        self.inbox_changed = asyncio.Event()
+        """The dispatcher has something to do: a delivery, or the end."""
+        self.space = asyncio.Event()
+        """The reader may go on: the inbox has room, or the connection is closing."""
+        self.ended = asyncio.Event()
+        """The connection is over: nothing more will be read or written."""
+        self.finished = asyncio.Event()
+        """The connection's task is done, ``on_disconnect`` included."""
+        self.closing: Close | None = None
+        self.close_deadline: float | None = None
+        self.reader: asyncio.Task[None] | None = None
+        self.send_scope: asyncio.Timeout | None = None
+        self.body_scope: asyncio.Timeout | None = None
+        self.task_scope: asyncio.Timeout | None = None
+
+    def mark_ended(self) -> None:
+        if self.ended.is_set():
+            return
+        self.link.close_record.lost()  # a no-op when a close came first
+        if self.session is not None:
+            self.session.connection_lost()
+        self.outbox.seal()
+        self.outbox.clear()
+        self.ended.set()
+        self.wake.set()
+        self.inbox_changed.set()
+        self.space.set()
+
+
+_CURRENT: contextvars.ContextVar[_Conn | None] = contextvars.ContextVar(
+    "steadysocket_connection", default=None
+)
+"""The connection whose task (or child task) is running: hooks and handlers see their own."""
+
+
+def _reschedule_now(scope: asyncio.Timeout | None) -> bool:
+    """Expire ``scope`` at once (cancelling what runs inside it); False if it is not active."""
+    if scope is None:
+        return False
+    try:
+        scope.reschedule(asyncio.get_running_loop().time())
+    except RuntimeError:  # already expired or exited
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,13 +382,12 @@ class Client:
     :class:`Client`.
     """
 
-    __slots__ = ("_endpoints", "_link", "_reader", "_session")
+    __slots__ = ("_conn", "_endpoints", "_session")
 
-    def __init__(self, endpoints: Endpoints, link: Link, session: ServerSession) -> None:
+    def __init__(self, endpoints: Endpoints, conn: _Conn, session: ServerSession) -> None:
         self._endpoints = endpoints
-        self._link = link
+        self._conn = conn
         self._session = session
-        self._reader: asyncio.Task[None] | None = None
 
     @property
     def client_id(self) -> str:
@@ -260,43 +407,66 @@ class Client:
     @property
     def remote_address(self) -> str:
         """``host:port`` of the peer."""
-        return self._link.remote_address
+        return self._conn.link.remote_address
 
     @property
     def close_code(self) -> int | None:
-        """The close code once the connection has ended (1006 when no close frame arrived)."""
-        return self._link.close_code
+        """How the connection ended, once it has (None before); see ``CloseRecord``.
+
+        The first close wins: the code the server closed with (1001 shutdown, 1011 heartbeat,
+        1009, 4429, or the application's), or the one the client closed with,
+        or 1006 when the connection was lost with no close frame either way.
+        """
+        return self._conn.link.close_record.code if self._conn.ended.is_set() else None
 
     @property
     def close_reason(self) -> str | None:
-        """The close reason once the connection has ended."""
-        return self._link.close_reason
+        """The reason that goes with :attr:`close_code`, once the connection has ended."""
+        return self._conn.link.close_record.reason if self._conn.ended.is_set() else None
 
     async def send(self, message: Mapping[str, Any]) -> bool:
-        """Send an application message; a ``timestamp`` is added if it has none.
+        """Queue an application message for this client; a ``timestamp`` is added if it has none.
 
-        Returns whether it was sent: ``False`` when the connection is closed, or was aborted
-        because the client stopped reading.
+        Never waits for the client: the message goes to the connection's outbox, which its own
+        writer sends in order (this coroutine only yields to the event loop once, so writers
+        get to run between pushes). Returns whether it was queued: ``False`` when the connection
+        is closing or closed, or when its outbox is full (``max_outbox_bytes``; counted in
+        ``refused_pushes``).
 
         Raises:
             ValueError: the message has no string ``type``, or holds NaN or a cycle.
             TypeError: the message holds something that is not JSON.
         """
         text = encode_server_message(message, self._endpoints._wall_clock())
-        return await self._endpoints._send(self._link, text)
+        queued = self._endpoints._push(self._conn, text)
+        await asyncio.sleep(0)
+        return queued
 
     async def echo(self, message: Mapping[str, Any]) -> bool:
-        """Send the default handler's ``echo`` of ``message`` back."""
+        """Queue the default handler's ``echo`` of ``message``; as :meth:`send`."""
         action = self._session.echo(message, wall=self._endpoints._wall_clock())
-        return await self._endpoints._send(self._link, action.text)
+        queued = self._endpoints._push(self._conn, action.text)
+        await asyncio.sleep(0)
+        return queued
 
     async def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """Close this connection with ``code`` and ``reason`` (cut to 123 bytes).
 
+        What was queued before is sent first. Returns once the connection has ended, within
+        the close timeout (after which it is aborted) plus a small margin; safe to call from
+        this client's own handler or hooks, and more than once.
+
         Raises:
             ValueError: a server may not send ``code``.
         """
-        await self._endpoints._perform(self, self._session.close(code, reason))
+        endpoints = self._endpoints
+        for action in self._session.close(code, reason):
+            endpoints._carry_out(self._conn, [action])
+        try:
+            async with asyncio.timeout(endpoints.config.close_timeout + _FORCE_GRACE):
+                await self._conn.ended.wait()
+        except TimeoutError:
+            endpoints._abort(self._conn)
 
     def __repr__(self) -> str:
         return f"<Client {self.client_id!r} {self.role} {self.remote_address}>"
@@ -323,6 +493,7 @@ class EndpointOptions(TypedDict, total=False):
     max_connections: int | None
     rate_limit_messages: int | None
     rate_limit_window_ms: int | None
+    max_outbox_bytes: int | None
     environ: Mapping[str, str] | None
     default_handler: MessageHandler
     request_id_factory: Callable[[], str]
@@ -334,18 +505,26 @@ class Endpoints:
 
     A transport adapter accepts a connection, wraps it in a :class:`Link`, looks the request
     target up with :func:`~steadysocket.model.server_session.match_route`, and awaits
-    :meth:`serve_client` or :meth:`serve_legacy` until the connection ends.
+    :meth:`serve_client` or :meth:`serve_legacy` until the connection ends. Its shutdown awaits
+    :meth:`close_clients`.
+
+    Per connection, in the task that awaits ``serve_client``: a reader task reads every frame as
+    it arrives (so pongs, Pings, close frames and the rate limit are seen at once, whatever the
+    application is doing), a writer task sends the connection's outbox, the pings and the close
+    frame, and the connection's own task runs ``on_connect`` and then the handlers, in order.
+    A push (:meth:`send_to`, :meth:`broadcast`, :meth:`Client.send`) only queues into the
+    outbox and never waits on a peer.
 
     Configuration: pass ``config``, or any of ``heartbeat_interval_ms``,
     ``connection_timeout_ms``, ``max_message_bytes``, ``allowed_origins``, ``max_connections``,
-    ``rate_limit_messages``, ``rate_limit_window_ms`` (see
+    ``rate_limit_messages``, ``rate_limit_window_ms``, ``max_outbox_bytes`` (see
     :class:`~steadysocket.model.server_session.ServerConfig`); what is not given comes from
     ``WS_HEARTBEAT_INTERVAL_MS`` / ``WS_CONNECTION_TIMEOUT_MS``, then the defaults. The origin
     check and the connection cap happen before the upgrade, so they are the transport adapter's
     to carry out (:meth:`admission`); the rate limit is the session's.
 
     Args:
-        config: complete settings; not combinable with the three individual settings.
+        config: complete settings; not combinable with the individual settings.
         environ: where to read the variables (``os.environ`` by default).
         default_handler: handler for types with no :meth:`on_message` registration;
             :func:`echo_handler` by default.
@@ -368,6 +547,7 @@ class Endpoints:
         max_connections: int | None = None,
         rate_limit_messages: int | None = None,
         rate_limit_window_ms: int | None = None,
+        max_outbox_bytes: int | None = None,
         environ: Mapping[str, str] | None = None,
         default_handler: MessageHandler = echo_handler,
         request_id_factory: Callable[[], str] = _new_request_id,
@@ -381,6 +561,7 @@ class Endpoints:
             max_connections,
             rate_limit_messages,
             rate_limit_window_ms,
+            max_outbox_bytes,
         )
         if config is None:
             config = ServerConfig.from_env(
@@ -392,6 +573,7 @@ class Endpoints:
                 max_connections=max_connections,
                 rate_limit_messages=rate_limit_messages,
                 rate_limit_window_ms=rate_limit_window_ms,
+                max_outbox_bytes=max_outbox_bytes,
             )
         elif any(value is not None for value in explicit):
             raise TypeError("pass either config or individual settings, not both")
@@ -403,17 +585,22 @@ class Endpoints:
         self._connect_hooks: list[ConnectHook] = []
         self._disconnect_hooks: list[DisconnectHook] = []
         self._clients: dict[str, set[Client]] = {}
-        self._legacy: set[Link] = set()
+        self._conns: set[_Conn] = set()
+        self._stopping = False
+        self.refused_pushes = 0
+        """Pushes refused because the connection's outbox was full (``max_outbox_bytes``)."""
 
     # ---- registration -------------------------------------------------------------------
 
     def on_message(self, message_type: str) -> Callable[[_H], _H]:
         """Register the handler for one application ``type``; use as a decorator.
 
-        ``@server.on_message("chat")`` above ``async def chat(message, client): ...``. A
-        handler runs inside its connection's reader, so messages of one connection are handled
-        in order; a slow handler slows that connection only. An exception is logged and the
-        connection stays open.
+        ``@server.on_message("chat")`` above ``async def chat(message, client): ...``. Handlers
+        run in their connection's own task, after ``on_connect``, one at a time and in order; a
+        slow handler delays that connection's later messages only. Meanwhile the connection's
+        frames are still read (pongs keep it alive); after 16 unhandled messages the server
+        stops reading it, and that pause counts neither as the client's silence nor against its
+        rate limit. An exception is logged and the connection stays open.
 
         Raises:
             ValueError: ``ping``, ``pong`` and ``status`` are answered by the protocol itself.
@@ -428,12 +615,19 @@ class Endpoints:
         return register
 
     def on_connect(self, hook: _C) -> _C:
-        """Register a hook run for each accepted ``/ws/client`` connection; a decorator."""
+        """Register a hook run for each accepted ``/ws/client`` connection; a decorator.
+
+        It runs after the hello, before the first handler; the connection's frames are read
+        (and pings answered) meanwhile.
+        """
         self._connect_hooks.append(hook)
         return hook
 
     def on_disconnect(self, hook: _C) -> _C:
-        """Register a hook run when an accepted ``/ws/client`` connection ends; a decorator."""
+        """Register a hook run once when an accepted ``/ws/client`` connection ends; a decorator.
+
+        ``client.close_code`` tells how it ended (see :attr:`Client.close_code`).
+        """
         self._disconnect_hooks.append(hook)
         return hook
 
@@ -451,90 +645,138 @@ class Endpoints:
         return tuple(client for group in self._clients.values() for client in group)
 
     async def send_to(self, client_id: str, message: Mapping[str, Any]) -> int:
-        """Send ``message`` to every connection of ``client_id``; returns how many got it.
+        """Queue ``message`` for every connection of ``client_id``; returns how many took it.
 
-        A ``timestamp`` is added if the message has none.
+        A ``timestamp`` is added if the message has none. Never waits on a peer (see
+        :meth:`Client.send`).
 
         Raises:
             ValueError, TypeError: the message cannot be encoded (see :meth:`Client.send`).
         """
         text = encode_server_message(message, self._wall_clock())
-        return await self._send_all(tuple(self._clients.get(client_id, ())), text)
+        queued = self._push_all(tuple(self._clients.get(client_id, ())), text)
+        await asyncio.sleep(0)
+        return queued
 
     async def broadcast(self, message: Mapping[str, Any]) -> int:
-        """Send ``message`` to every connected ``/ws/client`` peer; returns how many got it.
+        """Queue ``message`` for every connected ``/ws/client`` peer; returns how many took it.
 
-        Sends run concurrently, each bounded by the connection timeout, so one slow reader
-        does not hold up the others.
+        Each connection has its own bounded outbox and writer, so this returns at once: a
+        stalled, slow or half-open peer holds up neither the caller nor the other clients.
 
         Raises:
             ValueError, TypeError: the message cannot be encoded (see :meth:`Client.send`).
         """
         text = encode_server_message(message, self._wall_clock())
-        return await self._send_all(self.clients, text)
+        queued = self._push_all(self.clients, text)
+        await asyncio.sleep(0)  # let the writers run between broadcasts
+        return queued
+
+    def _push_all(self, clients: Iterable[Client], text: str) -> int:
+        return sum(self._push(client._conn, text) for client in clients)
+
+    # ---- shutdown -----------------------------------------------------------------------
 
     async def close_clients(self) -> None:
         """Close every connection, legacy ones included, with 1001 ``Server shutting down``.
 
-        For adapters whose transport has no shutdown of its own; :class:`SteadyServer` lets
-        websockets do it, which also covers connections still in their handshake.
+        Connections that arrive afterwards get 1001 at once. Returns when every connection has
+        ended and its ``on_disconnect`` hooks have run, at most the close timeout
+        (``min(connection_timeout, 10 s)``) plus 1 s later: what is still running at the close
+        timeout (a handler, a hook, a peer that does not answer) is cancelled and its socket
+        aborted, and 0.5 s later cancelled once more. Called from a hook or handler, it does not
+        wait for its own connection, which ends once that hook or handler returns.
         """
-        async with asyncio.TaskGroup() as group:
-            for client in self.clients:
-                group.create_task(self._perform(client, client._session.shutdown()))
-            for link in tuple(self._legacy):
-                group.create_task(link.close(SHUTDOWN.code, SHUTDOWN.reason))
+        self._stopping = True
+        loop = asyncio.get_running_loop()
+        own = _CURRENT.get()
+        for conn in tuple(self._conns):
+            self._shutdown_conn(conn)
 
-    async def _send_all(self, clients: Iterable[Client], text: str) -> int:
-        targets = list(clients)
-        if len(targets) == 1:
-            return int(await self._send(targets[0]._link, text))
-        async with asyncio.TaskGroup() as group:
-            sends = [group.create_task(self._send(client._link, text)) for client in targets]
-        return sum(task.result() for task in sends)
+        def others() -> list[_Conn]:
+            return [conn for conn in self._conns if conn is not own]
 
-    # ---- carrying out actions -------------------------------------------------------------
-
-    async def _send(self, link: Link, text: str) -> bool:
-        try:
-            async with asyncio.timeout(self.config.connection_timeout):
-                return await link.send(text)
-        except TimeoutError:
-            logger.warning("%s stopped reading; aborting its connection", link.remote_address)
-            link.abort()
-            return False
-
-    async def _perform(self, client: Client, actions: list[Action]) -> None:
-        for action in actions:
-            if isinstance(action, SendText):
-                await self._send(client._link, action.text)
-            elif isinstance(action, Close):
-                if asyncio.current_task() is client._reader:
-                    await self._close_from_reader(client._link, action)
-                else:
-                    await client._link.close(action.code, action.reason)
-            else:
-                await self._deliver(client, action)
+        if await self._wait_finished(others(), loop.time() + self.config.close_timeout):
+            return
+        # What is left runs past its bound: cancel the connection's body (handlers, reader,
+        # writer); its on_disconnect hooks still run.
+        for conn in others():
+            if not _reschedule_now(conn.body_scope):
+                _reschedule_now(conn.task_scope)
+        if await self._wait_finished(others(), loop.time() + _FORCE_GRACE):
+            return
+        for conn in others():  # an on_disconnect hook that hangs
+            _reschedule_now(conn.task_scope)
+        if await self._wait_finished(others(), loop.time() + _FORCE_GRACE):
+            return
+        logger.warning("%d connection(s) ignored cancellation at shutdown", len(others()))
 
     @staticmethod
-    async def _close_from_reader(link: Link, action: Close) -> None:
-        """Close ``link`` from the one task that reads it (a reply, a handler, the legacy echo).
+    async def _wait_finished(conns: list[_Conn], deadline: float) -> bool:
+        try:
+            async with asyncio.timeout_at(deadline):
+                for conn in conns:
+                    await conn.finished.wait()
+        except TimeoutError:
+            return False
+        return True
 
-        Bug fixed here: websockets stops reading the socket while its queue of unread frames is
-        full (flow control), so the peer's answering close frame waits behind those frames. A
-        close awaited by the only reader therefore sat out the whole close timeout (10 s) for
-        any client that had sent a burst, a rate-limited one above all. Reading, and dropping,
-        frames until the closing handshake is over lets the close frame through.
-        """
+    def _shutdown_conn(self, conn: _Conn) -> None:
+        if conn.session is not None:
+            conn.session.shutdown()
+        self._request_close(conn, SHUTDOWN)
 
-        async def drain() -> None:
-            while await link.receive() is not None:
-                pass
+    # ---- carrying out actions (all synchronous: nothing here waits on a peer) -------------
 
-        async with asyncio.TaskGroup() as group:
-            drainer = group.create_task(drain())
-            await link.close(action.code, action.reason)
-            drainer.cancel()
+    def _push(self, conn: _Conn, text: str) -> bool:
+        if conn.closing is not None or conn.ended.is_set():
+            return False
+        if conn.outbox.offer(text):
+            conn.wake.set()
+            return True
+        self.refused_pushes += 1
+        logger.warning(
+            "push to %s refused: %d bytes already wait in its outbox",
+            conn.link.remote_address,
+            conn.outbox.queued_bytes,
+        )
+        return False
+
+    def _carry_out(self, conn: _Conn, actions: list[Action]) -> None:
+        """Carry out a session's SendText and Close actions (Deliver is the reader's)."""
+        for action in actions:
+            if isinstance(action, SendText):
+                self._push(conn, action.text)
+            elif isinstance(action, Close):
+                self._request_close(conn, action)
+
+    def _request_close(self, conn: _Conn, close: Close) -> None:
+        """Start closing: the writer sends what is queued, then the close frame, all within the
+        close timeout, after which the connection is aborted."""
+        if conn.closing is not None or conn.ended.is_set():
+            return
+        conn.closing = close
+        conn.link.close_record.server_closed(close.code, close.reason)
+        conn.outbox.seal()
+        deadline = asyncio.get_running_loop().time() + self.config.close_timeout
+        conn.close_deadline = deadline
+        scope = conn.send_scope
+        if scope is not None:
+            when = scope.when()
+            if when is None or when > deadline:
+                scope.reschedule(deadline)
+        conn.wake.set()
+        conn.space.set()
+        conn.inbox_changed.set()
+
+    def _abort(self, conn: _Conn) -> None:
+        """Drop the connection now (a stalled send, a close that timed out)."""
+        conn.link.close_record.lost()
+        conn.link.abort()
+        reader = conn.reader
+        if reader is not None and not reader.done() and reader is not asyncio.current_task():
+            reader.cancel()  # a TaskGroup ignores a child cancelled from outside
+        conn.mark_ended()
 
     async def _deliver(self, client: Client, action: Deliver) -> None:
         handler = self._handlers.get(action.type, self._default_handler)
@@ -555,12 +797,57 @@ class Endpoints:
     async def serve_client(self, link: Link, query: str) -> None:
         """Run one accepted ``/ws/client`` connection until it ends.
 
-        Sends the hello or the refusal, then runs the reader and the heartbeat in a TaskGroup,
-        with the hooks around them. ``query`` is the raw query string (``ClientRoute.query``).
+        Sends the hello or the refusal, then runs the reader, the writer and the handlers, with
+        the hooks around them. ``query`` is the raw query string (``ClientRoute.query``).
         """
+        conn = _Conn(link, self.config, ServerSession(self.config))
+        await self._run_connection(conn, self._client_body(conn, query))
+
+    async def serve_legacy(self, link: Link, client_id: str) -> None:
+        """Run one accepted legacy ``/ws/{client_id}`` connection until it ends."""
+        conn = _Conn(link, self.config, None)
+        await self._run_connection(conn, self._legacy_body(conn, client_id))
+
+    async def _run_connection(self, conn: _Conn, body: Coroutine[Any, Any, None]) -> None:
+        token = _CURRENT.set(conn)
+        self._conns.add(conn)
+        if isinstance(conn.link, PingAware):
+            conn.link.on_ping(lambda: self._on_ping(conn))
+        try:
+            async with asyncio.timeout(None) as conn.task_scope:
+                await body
+        except TimeoutError:
+            if conn.task_scope is None or not conn.task_scope.expired():
+                raise
+            logger.warning("%s still running at shutdown; cancelled", conn.link.remote_address)
+            self._abort(conn)
+        finally:
+            conn.task_scope = None
+            self._conns.discard(conn)
+            conn.finished.set()
+            _CURRENT.reset(token)
+
+    async def _run_body(self, conn: _Conn, reader: Coroutine[Any, Any, None]) -> None:
+        """The reader and the writer in a TaskGroup, the dispatcher (if any) in this task."""
+        try:
+            async with asyncio.timeout(None) as conn.body_scope, asyncio.TaskGroup() as group:
+                conn.reader = group.create_task(reader)
+                group.create_task(self._write_loop(conn))
+                if conn.client is not None:
+                    await self._dispatch(conn, conn.client)
+        except TimeoutError:
+            if conn.body_scope is None or not conn.body_scope.expired():
+                raise
+            logger.warning("%s still running at shutdown; cancelled", conn.link.remote_address)
+            self._abort(conn)
+        finally:
+            conn.body_scope = None
+            conn.mark_ended()
+
+    async def _client_body(self, conn: _Conn, query: str) -> None:
         loop = asyncio.get_running_loop()
-        session = ServerSession(self.config)
-        client = Client(self, link, session)
+        session, link = conn.session, conn.link
+        assert session is not None
         try:
             actions = session.open(
                 query,
@@ -568,25 +855,22 @@ class Endpoints:
                 wall=self._wall_clock(),
                 request_id=self._request_id_factory(),
             )
-            if session.state is SessionState.OPEN:
-                # A failed hello send is a handshake error too (PROTOCOL Server 2).
-                hello = actions[0]
-                assert isinstance(hello, SendText)
-                async with asyncio.timeout(self.config.connection_timeout):
-                    if not await link.send(hello.text):
-                        return
         except Exception:
             logger.exception("handshake with %s failed", link.remote_address)
             actions = session.fail_handshake()
+        if self._stopping:
+            session.shutdown()
+            actions = [SHUTDOWN]
+        self._carry_out(conn, actions)
         if session.state is not SessionState.OPEN:
             for action in actions:
                 if isinstance(action, Close):
                     logger.info(
                         "refused %s: %d %s", link.remote_address, action.code, action.reason
                     )
-                    await link.close(action.code, action.reason)
+            await self._run_body(conn, self._read_loop(conn))
             return
-
+        client = conn.client = Client(self, conn, session)
         self._clients.setdefault(session.client_id, set()).add(client)
         logger.info(
             "client %s connected from %s (role %s)",
@@ -595,11 +879,8 @@ class Endpoints:
             client.role,
         )
         try:
-            async with asyncio.TaskGroup() as group:
-                group.create_task(self._read_loop(client))
-                group.create_task(self._heartbeat_loop(client))
+            await self._run_body(conn, self._read_loop(conn))
         finally:
-            session.connection_lost()
             peers = self._clients.get(session.client_id)
             if peers is not None:
                 peers.discard(client)
@@ -608,51 +889,155 @@ class Endpoints:
             logger.info("client %s disconnected: %s", client.client_id, _describe_close(link))
             await self._run_hooks(self._disconnect_hooks, client, "on_disconnect")
 
-    async def _read_loop(self, client: Client) -> None:
-        client._reader = asyncio.current_task()
-        await self._run_hooks(self._connect_hooks, client, "on_connect")
+    async def _legacy_body(self, conn: _Conn, client_id: str) -> None:
+        link = conn.link
+        conn.bucket = self.config.new_bucket(asyncio.get_running_loop().time())
+        logger.info("legacy client %s connected from %s", client_id, link.remote_address)
+        if self._stopping:
+            self._request_close(conn, SHUTDOWN)
+        try:
+            await self._run_body(conn, self._legacy_read_loop(conn))
+        finally:
+            logger.info("legacy client %s disconnected: %s", client_id, _describe_close(link))
+
+    def _on_ping(self, conn: _Conn) -> None:
+        """A protocol Ping arrived (the transport answered it): meter it."""
+        now = asyncio.get_running_loop().time()
+        if conn.session is not None:
+            self._carry_out(conn, conn.session.receive_control(now=now))
+        elif conn.bucket is not None and not conn.bucket.take(now):
+            self._request_close(conn, RATE_LIMITED)
+
+    async def _read_loop(self, conn: _Conn) -> None:
         loop = asyncio.get_running_loop()
-        session, link = client._session, client._link
+        session, link = conn.session, conn.link
+        assert session is not None
         try:
             while (data := await link.receive()) is not None:
                 if isinstance(data, str):
                     actions = session.receive_text(data, now=loop.time(), wall=self._wall_clock())
                 else:
                     actions = session.receive_bytes(data, now=loop.time(), wall=self._wall_clock())
-                await self._perform(client, actions)
+                for action in actions:
+                    if isinstance(action, Deliver):
+                        await self._enqueue(conn, session, action)
+                    else:
+                        self._carry_out(conn, [action])
         finally:
-            session.connection_lost()
+            conn.mark_ended()
 
-    async def _heartbeat_loop(self, client: Client) -> None:
-        loop = asyncio.get_running_loop()
-        session, link = client._session, client._link
-        while (deadline := session.next_deadline()) is not None:
+    async def _enqueue(self, conn: _Conn, session: ServerSession, action: Deliver) -> None:
+        """Hand a message to the dispatcher; while its inbox is full, stop reading (held)."""
+        if len(conn.inbox) >= _INBOX_LIMIT:
+            loop = asyncio.get_running_loop()
+            session.hold(now=loop.time())
             try:
-                async with asyncio.timeout_at(deadline):
-                    await link.wait_closed()
-                return
-            except TimeoutError:
-                pass
-            actions = session.handle_timer(now=loop.time(), wall=self._wall_clock())
-            await self._perform(client, actions)
+                while len(conn.inbox) >= _INBOX_LIMIT and conn.closing is None:
+                    if conn.ended.is_set():
+                        return
+                    conn.space.clear()
+                    await conn.space.wait()
+            finally:
+                session.release(now=loop.time())
+            if conn.closing is not None:
+                return  # the connection is closing: nothing more is handled
+        conn.inbox.append(action)
+        conn.inbox_changed.set()
 
-    async def serve_legacy(self, link: Link, client_id: str) -> None:
-        """Run one accepted legacy ``/ws/{client_id}`` connection until it ends."""
-        self._legacy.add(link)
-        logger.info("legacy client %s connected from %s", client_id, link.remote_address)
+    async def _dispatch(self, conn: _Conn, client: Client) -> None:
+        """``on_connect``, then every delivered message in order, until the connection ends."""
+        await self._run_hooks(self._connect_hooks, client, "on_connect")
+        while True:
+            if conn.inbox:
+                action = conn.inbox.popleft()
+                conn.space.set()
+                await self._deliver(client, action)
+                continue
+            if conn.ended.is_set():
+                return
+            conn.inbox_changed.clear()
+            await conn.inbox_changed.wait()
+
+    async def _legacy_read_loop(self, conn: _Conn) -> None:
         loop = asyncio.get_running_loop()
-        bucket = self.config.new_bucket(loop.time())
+        link = conn.link
         try:
             while (data := await link.receive()) is not None:
-                if bucket is not None and not bucket.take(loop.time()):
-                    await self._close_from_reader(link, RATE_LIMITED)
-                elif isinstance(data, str):
-                    await self._send(link, legacy_echo(data).text)
+                if conn.closing is not None:
+                    continue  # closing: read (and drop) until the handshake is over
+                if conn.bucket is not None and not conn.bucket.take(loop.time()):
+                    self._request_close(conn, RATE_LIMITED)
+                    continue
+                reply = legacy_reply(data, self.config.max_message_bytes)
+                if isinstance(reply, SendText):
+                    self._push(conn, reply.text)
                 else:
-                    await self._close_from_reader(link, UNSUPPORTED_LEGACY_DATA)
+                    self._request_close(conn, reply)
         finally:
-            self._legacy.discard(link)
-        logger.info("legacy client %s disconnected: %s", client_id, _describe_close(link))
+            conn.mark_ended()
+
+    async def _write_loop(self, conn: _Conn) -> None:
+        """Send the outbox in order, the pings when due, then the close frame; all bounded."""
+        loop = asyncio.get_running_loop()
+        session, outbox = conn.session, conn.outbox
+        while not conn.ended.is_set():
+            deadline = session.next_deadline() if session is not None else None
+            if session is not None and deadline is not None and loop.time() >= deadline:
+                due = session.handle_timer(now=loop.time(), wall=self._wall_clock())
+                self._carry_out(conn, due)
+                continue
+            text = outbox.take()
+            if text is not None:
+                if not await self._send_bounded(conn, text):
+                    return
+                continue
+            if conn.closing is not None:
+                await self._close_bounded(conn, conn.closing)
+                return
+            conn.wake.clear()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await conn.wake.wait()
+            except TimeoutError:
+                pass
+
+    async def _send_bounded(self, conn: _Conn, text: str) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.connection_timeout
+        if conn.close_deadline is not None:
+            deadline = min(deadline, conn.close_deadline)
+        scope = asyncio.timeout_at(deadline)
+        try:
+            async with scope:
+                conn.send_scope = scope
+                return await conn.link.send(text)
+        except TimeoutError:
+            if not scope.expired():
+                raise
+            logger.warning(
+                "%s did not take a frame within %.1f s; aborting its connection",
+                conn.link.remote_address,
+                self.config.connection_timeout,
+            )
+            self._abort(conn)
+            return False
+        finally:
+            conn.send_scope = None
+
+    async def _close_bounded(self, conn: _Conn, close: Close) -> None:
+        deadline = conn.close_deadline
+        assert deadline is not None
+        try:
+            async with asyncio.timeout_at(deadline):
+                await conn.link.close(close.code, close.reason)
+                await conn.ended.wait()  # the reader sees the end of the handshake
+        except TimeoutError:
+            logger.info(
+                "%s did not complete the closing handshake (%d); aborting",
+                conn.link.remote_address,
+                close.code,
+            )
+            self._abort(conn)
 
 
 # --------------------------------------------------------------------------------------------
@@ -662,8 +1047,8 @@ class Endpoints:
 
 def _tracking_connection_class(
     live: set[ServerConnection], admitted: set[ServerConnection]
-) -> type[ServerConnection]:
-    """A ServerConnection that records itself in ``live`` from TCP accept to TCP close.
+) -> type[_TrackedConnection]:
+    """A connection class that records itself in ``live`` from TCP accept to TCP close.
 
     websockets only tracks connections that completed the upgrade; a TCP connection that never
     sends its request would hold :meth:`SteadyServer.close` up for the whole open timeout.
@@ -671,8 +1056,10 @@ def _tracking_connection_class(
     what the connection cap counts.
     """
 
-    class _TrackedConnection(ServerConnection):
+    class _LiveConnection(_TrackedConnection):
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.close_record = CloseRecord()
+            self.ping_listener = None
             live.add(self)
             super().connection_made(transport)
 
@@ -681,7 +1068,16 @@ def _tracking_connection_class(
             admitted.discard(self)
             super().connection_lost(exc)
 
-    return _TrackedConnection
+    return _LiveConnection
+
+
+def _is_upgrade(request: Request) -> bool:
+    """Whether the request asks for a WebSocket (``Upgrade: websocket``, any case)."""
+    return any(
+        token.strip().lower() == "websocket"
+        for value in request.headers.get_all("Upgrade")
+        for token in value.split(",")
+    )
 
 
 class SteadyServer(Endpoints):
@@ -742,7 +1138,7 @@ class SteadyServer(Endpoints):
             open_timeout=timeout,
             ping_interval=None,
             ping_timeout=None,
-            close_timeout=min(timeout, _MAX_CLOSE_TIMEOUT),
+            close_timeout=self.config.close_timeout,
             max_size=self.config.max_message_bytes,
             create_connection=_tracking_connection_class(self._live, self._admitted),
             ssl=self._ssl,
@@ -753,7 +1149,13 @@ class SteadyServer(Endpoints):
     async def close(self) -> None:
         """Close every client with 1001 ``Server shutting down`` and stop; idempotent.
 
-        Returns when every connection and every task of this server has finished.
+        Returns when every connection and every task of this server has finished, within the
+        close timeout (``min(connection_timeout, 10 s)``) plus about 1.5 s, whatever the
+        clients, hooks and handlers do: what still runs at the close timeout is cancelled and
+        its socket aborted (see :meth:`Endpoints.close_clients`). Safe to call concurrently;
+        called from one of this server's hooks or handlers, it returns once every *other*
+        connection has ended, and the caller's own connection (already sent 1001) ends when
+        its hook or handler returns.
         """
         server = self._ws_server
         if server is None:
@@ -768,13 +1170,19 @@ class SteadyServer(Endpoints):
             for connection in list(self._live):
                 if connection.protocol.state is State.CONNECTING:
                     connection.transport.abort()
-            for client in self.clients:
-                # Stops the ping schedule; websockets sends the close frames just below.
-                client._session.shutdown()
-            server.close(code=SHUTDOWN.code, reason=SHUTDOWN.reason)
-        await server.wait_closed()
-        if server.close_task is not None:
-            await server.close_task
+        await self.close_clients()
+        if _CURRENT.get() is not None:
+            return  # a hook or handler of ours: its own connection is still running
+        server.close(close_connections=False)
+        try:
+            async with asyncio.timeout(_FORCE_GRACE):
+                await server.wait_closed()
+        except TimeoutError:
+            for connection in list(self._live):
+                connection.transport.abort()
+            logger.warning("server on %s: connections aborted after shutdown", self.url)
+            async with asyncio.timeout(_FORCE_GRACE):
+                await server.wait_closed()
         logger.info("server on %s closed", self.url)
 
     async def wait_closed(self) -> None:
@@ -817,6 +1225,11 @@ class SteadyServer(Endpoints):
     def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
         if match_route(request.path) is None:
             return ws.respond(http.HTTPStatus.NOT_FOUND, "Not Found\n")
+        if not _is_upgrade(request):
+            response = ws.respond(http.HTTPStatus(UPGRADE_REQUIRED.status), UPGRADE_REQUIRED.body)
+            response.headers["Upgrade"] = "websocket"
+            return response
+        # The check and the taking of the slot happen with no await in between.
         refusal = self.admission(request.headers.get_all("Origin"), len(self._admitted))
         if refusal is not None:
             logger.info(
@@ -831,16 +1244,22 @@ class SteadyServer(Endpoints):
 
     async def _handle(self, ws: ServerConnection) -> None:
         assert ws.request is not None  # the handshake succeeded
+        assert isinstance(ws, _TrackedConnection)
         route = match_route(ws.request.path)
         link = _WebSocketsLink(ws)
-        if isinstance(route, ClientRoute):
-            await self.serve_client(link, route.query)
-        elif isinstance(route, LegacyRoute):
-            # Protocol keepalive for this endpoint only: see the module docstring.
-            ws.ping_interval = self.config.heartbeat_interval
-            ws.ping_timeout = self.config.connection_timeout
-            ws.start_keepalive()
-            await self.serve_legacy(link, route.client_id)
+        try:
+            if isinstance(route, ClientRoute):
+                await self.serve_client(link, route.query)
+            elif isinstance(route, LegacyRoute):
+                # Protocol keepalive for this endpoint only: see the module docstring.
+                ws.ping_interval = self.config.heartbeat_interval
+                ws.ping_timeout = self.config.connection_timeout
+                ws.start_keepalive()
+                await self.serve_legacy(link, route.client_id)
+        finally:
+            if ws.protocol.state is not State.CLOSED:
+                # Never hand websockets an open connection: its own close() is unbounded.
+                ws.transport.abort()
 
 
 async def serve_until_signalled(

@@ -371,13 +371,22 @@ def test_hooks_send_to_and_broadcast_work_through_uvicorn() -> None:
     assert ("disconnect", "bob", 1000) in events
 
 
-def test_a_client_that_stops_reading_is_dropped_instead_of_stalling_sends(
+def test_a_client_that_stops_reading_gets_pushes_refused_then_is_dropped_with_1006(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     chunk = {"type": "bulk", "data": uuid.uuid4().hex * 16384}  # 512 KiB
 
-    async def body() -> tuple[bool, bool, list[str]]:
+    async def body() -> tuple[bool, int, bool, list[tuple[str, int | None]]]:
+        codes: list[tuple[str, int | None]] = []
+        slow_gone = asyncio.Event()
         app = steady(heartbeat_interval_ms=60_000, connection_timeout_ms=500)
+
+        @app.on_disconnect
+        async def gone(client: Client) -> None:
+            codes.append((client.client_id, client.close_code))
+            if client.client_id == "slow":
+                slow_gone.set()
+
         async with serving(app) as base:
             stalled = await connect(
                 f"{base}/ws/client?client_id=slow",
@@ -390,18 +399,23 @@ def test_a_client_that_stops_reading_is_dropped_instead_of_stalling_sends(
                 await hello_of(stalled)
                 sent = True
                 async with asyncio.timeout(TIMEOUT):
-                    while sent:
+                    while sent:  # bounded: the outbox holds 4 MiB at most
                         sent = await app.send_to("slow", chunk) == 1
                 async with dial(base, "client_id=fine") as fine:
                     await hello_of(fine)
                     works = await still_works(fine)
-                    remaining = sorted(client.client_id for client in app.clients)
-                return sent, works, remaining
+                    async with asyncio.timeout(TIMEOUT):
+                        await slow_gone.wait()
+                return sent, app.refused_pushes, works, codes
             finally:
                 stalled.transport.abort()
 
     with caplog.at_level(logging.WARNING):
-        assert run(body()) == (False, True, ["fine"])
+        sent, refused, works, codes = run(body())
+    assert not sent
+    assert refused >= 1
+    assert works
+    assert codes[0] == ("slow", 1006)
     assert "Exception in ASGI application" not in caplog.text
 
 
@@ -440,7 +454,7 @@ def test_unknown_paths_get_http_404_for_websockets_and_plain_http() -> None:
                     async with dial(base, "", path=path):
                         pass
                 statuses.append(info.value.response.status_code)
-            raw = await http_get(base, "/ws/client")
+            raw = await http_get(base, "/nope")
         return statuses, raw
 
     statuses, raw = run(body())

@@ -25,7 +25,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.frames import Close
 
 from steadysocket.model.protocol import FEATURES, decode_text, parse_timestamp
-from steadysocket.model.server_session import ConfigError, ServerConfig
+from steadysocket.model.server_session import CloseRecord, ConfigError, ServerConfig
 from steadysocket.runtime.server import Client, Endpoints, SteadyServer
 
 MS = 0.001
@@ -587,13 +587,22 @@ def test_broadcast_reaches_every_client_but_not_the_legacy_echo() -> None:
     assert run(body()) == (2, ["news", "news"], "Echo: after")
 
 
-def test_a_client_that_stops_reading_is_dropped_instead_of_stalling_sends() -> None:
+def test_a_client_that_stops_reading_gets_pushes_refused_then_is_dropped_with_1006() -> None:
     chunk = {"type": "bulk", "data": uuid.uuid4().hex * 16384}  # 512 KiB
 
-    async def body() -> tuple[bool, bool]:
+    async def body() -> tuple[bool, int, bool, list[tuple[str, int | None]]]:
+        codes: list[tuple[str, int | None]] = []
+        slow_gone = asyncio.Event()
         async with running(
             compression=None, heartbeat_interval_ms=60_000, connection_timeout_ms=500
         ) as server:
+
+            @server.on_disconnect
+            async def gone(client: Client) -> None:
+                codes.append((client.client_id, client.close_code))
+                if client.client_id == "slow":
+                    slow_gone.set()
+
             stalled = await connect(
                 f"{server.url}/ws/client?client_id=slow",
                 proxy=None,
@@ -605,15 +614,22 @@ def test_a_client_that_stops_reading_is_dropped_instead_of_stalling_sends() -> N
                 await hello_of(stalled)
                 sent = True
                 async with asyncio.timeout(TIMEOUT):
-                    while sent:
+                    while sent:  # bounded: the outbox holds 4 MiB at most
                         sent = await server.send_to("slow", chunk) == 1
                 async with dial(server, "client_id=fine") as fine:
                     await hello_of(fine)
-                    return sent, await still_works(fine)
+                    works = await still_works(fine)
+                    async with asyncio.timeout(TIMEOUT):
+                        await slow_gone.wait()
+                    return sent, server.refused_pushes, works, codes
             finally:
                 stalled.transport.abort()
 
-    assert run(body()) == (False, True)
+    sent, refused, works, codes = run(body())
+    assert not sent
+    assert refused >= 1
+    assert works
+    assert codes[0] == ("slow", 1006)
 
 
 # ---- PROTOCOL Server 7: legacy echo and 404 ---------------------------------------------------
@@ -793,15 +809,8 @@ class MemoryLink:
         self.inbox: asyncio.Queue[str | bytes | None] = asyncio.Queue()
         self.outbox: asyncio.Queue[str] = asyncio.Queue()
         self.closed_with: tuple[int, str] | None = None
+        self.close_record = CloseRecord()
         self._closed = asyncio.Event()
-
-    @property
-    def close_code(self) -> int | None:
-        return None if self.closed_with is None else self.closed_with[0]
-
-    @property
-    def close_reason(self) -> str | None:
-        return None if self.closed_with is None else self.closed_with[1]
 
     async def receive(self) -> str | bytes | None:
         return None if self._closed.is_set() else await self.inbox.get()
@@ -818,10 +827,8 @@ class MemoryLink:
             self._closed.set()
             self.inbox.put_nowait(None)
 
-    async def wait_closed(self) -> None:
-        await self._closed.wait()
-
     def abort(self) -> None:
+        self.close_record.lost()
         self.closed_with = self.closed_with or (1006, "")
         self._closed.set()
         self.inbox.put_nowait(None)
