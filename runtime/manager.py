@@ -788,19 +788,17 @@ class WebSocketManager:
                             continue
                         text = outgoing.popleft()
                         self._outgoing_bytes -= len(text)
+                        # Written from here on (at most once), even while the send waits for
+                        # the peer to read: the ledger never sees it in two places or none.
+                        core.messages_sent += 1
                         try:
                             await transport.send(text)
                         except TransportClosed as exc:
-                            if not exc.written:
+                            if not exc.written:  # refused before anything was written
+                                core.messages_sent -= 1
                                 outgoing.appendleft(text)
                                 self._outgoing_bytes += len(text)
-                                raise
-                            core.messages_sent += 1
                             raise
-                        except BaseException:
-                            core.messages_sent += 1
-                            raise
-                        core.messages_sent += 1
             except TimeoutError:
                 if not deadline.expired():
                     raise
