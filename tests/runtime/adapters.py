@@ -1,0 +1,165 @@
+"""Both server adapters behind one face, for tests that run the same input against each.
+
+``served("steady", ...)`` starts a :class:`SteadyServer` on 127.0.0.1 port 0; ``served("asgi",
+...)`` starts a :class:`SteadyASGI` under a real uvicorn (``websockets-sansio``, protocol
+keepalive off so the JSON heartbeat is the one liveness rule, as the README advises) on a free
+port. Both yield a :class:`Served`: the ``Endpoints`` (hooks, push, clients), the base URL, and
+``close()``, the adapter's own shutdown. Every wait is bounded by a multiple of ``MS``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import AsyncIterator, Coroutine
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+import uvicorn
+import uvicorn.config
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import Close
+
+from steadysocket.runtime.asgi import SteadyASGI
+from steadysocket.runtime.server import Endpoints, SteadyServer
+
+MS = 0.001
+TIMEOUT = 5000 * MS
+KINDS = ("steady", "asgi")
+Kind = Literal["steady", "asgi"]
+T = TypeVar("T")
+WS_IMPL = (
+    "websockets-sansio" if "websockets-sansio" in uvicorn.config.WS_PROTOCOLS else "websockets"
+)
+
+
+def run(coro: Coroutine[Any, Any, T], bound: float = 6 * TIMEOUT) -> T:
+    """Run one async test body with an overall bound."""
+
+    async def bounded() -> T:
+        async with asyncio.timeout(bound):
+            return await coro
+
+    return asyncio.run(bounded())
+
+
+@dataclass
+class Served:
+    """One running adapter."""
+
+    kind: Kind
+    app: Endpoints
+    url: str
+
+    async def close(self) -> None:
+        """The adapter's shutdown: ``SteadyServer.close()`` or ``SteadyASGI.close()``."""
+        if isinstance(self.app, SteadyServer):
+            await self.app.close()
+        else:
+            assert isinstance(self.app, SteadyASGI)
+            await self.app.close()
+
+
+class _GracefulServer(uvicorn.Server):
+    """The README's recipe: 1001 to every client before uvicorn's own shutdown (1012)."""
+
+    def __init__(self, config: uvicorn.Config, app: SteadyASGI) -> None:
+        super().__init__(config)
+        self.steady = app
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await self.steady.close()
+        await super().shutdown(sockets)
+
+
+@asynccontextmanager
+async def served(kind: Kind, **options: Any) -> AsyncIterator[Served]:
+    """Start ``kind`` with ``options`` (``Endpoints`` arguments, and ``compression``: "deflate"
+    or None) and an empty environment."""
+    options.setdefault("environ", {})
+    compression = options.pop("compression", "deflate")
+    if kind == "steady":
+        async with SteadyServer("127.0.0.1", 0, compression=compression, **options) as server:
+            yield Served(kind, server, server.url)
+        return
+    app = SteadyASGI(**options)
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=0,
+        lifespan="on",
+        log_level="warning",
+        log_config=None,
+        ws=WS_IMPL,
+        ws_ping_interval=None,
+        ws_per_message_deflate=compression is not None,
+    )
+    uv = _GracefulServer(config, app)
+    task = asyncio.create_task(uv.serve())
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            while not uv.started:
+                if task.done():
+                    task.result()
+                    raise RuntimeError("uvicorn stopped before it started")
+                await asyncio.sleep(10 * MS)
+        port = uv.servers[0].sockets[0].getsockname()[1]
+        yield Served(kind, app, f"ws://127.0.0.1:{port}")
+    finally:
+        uv.should_exit = True
+        async with asyncio.timeout(3 * TIMEOUT):
+            await task
+
+
+def dial(base: str, query: str = "client_id=c1", path: str = "/ws/client", **kw: Any) -> Any:
+    """``websockets.connect`` to ``base + path + ?query`` with no proxy and a bounded open."""
+    target = f"{base}{path}" + (f"?{query}" if query else "")
+    return connect(target, proxy=None, open_timeout=TIMEOUT, **kw)
+
+
+async def recv_json(ws: ClientConnection) -> dict[str, Any]:
+    async with asyncio.timeout(TIMEOUT):
+        message = await ws.recv()
+    assert isinstance(message, str)
+    data: dict[str, Any] = json.loads(message)
+    return data
+
+
+async def recv_type(ws: ClientConnection, kind: str) -> dict[str, Any]:
+    """The next message of type ``kind``, skipping server pings."""
+    async with asyncio.timeout(TIMEOUT):
+        while True:
+            message = await recv_json(ws)
+            if message["type"] == kind:
+                return message
+            assert message["type"] == "ping", message
+
+
+async def close_frame(ws: ClientConnection, bound: float = TIMEOUT) -> Close | None:
+    """Read until the connection ends; the close frame the client received (None: none)."""
+    try:
+        async with asyncio.timeout(bound):
+            while True:
+                await ws.recv()
+    except ConnectionClosed as exc:
+        return exc.rcvd
+
+
+async def http_get(base: str, path: str) -> bytes:
+    """A plain HTTP/1.1 GET; the whole raw response."""
+    port = int(base.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        async with asyncio.timeout(TIMEOUT):
+            return await reader.read()
+    finally:
+        writer.close()
+
+
+def stop_reading(ws: ClientConnection) -> None:
+    """Make ``ws`` a client that never reads again (TCP pushes back on the server)."""
+    ws.transport.pause_reading()
