@@ -252,7 +252,9 @@ def _event_for(world: World, inp: Input) -> tuple[str | None, dict[str, Any]]:
             if world.server is Server.UP:
                 return ("traffic_resumed" if world.phase is Phase.DEGRADED else None), {}
             return ("peer_dead" if world.phase is Phase.DEGRADED else "heartbeat_overdue"), {}
-    return None, {}
+        case _:
+            # A change of server behaviour is no lifecycle event.
+            return None, {}
 
 
 class Explorer:
@@ -312,8 +314,9 @@ class Explorer:
                 )
                 return Step(world, event, world.phase, (), tuple(problems))
             effects = tuple(machine.drain())
-        elif inp is Input.HEARTBEAT_TIMER:
-            # Traffic arrived in time: the runtime re-arms the watchdog without an event.
+        else:
+            # Only the watchdog fires without an event (server changes returned above):
+            # traffic arrived in time, and the runtime re-arms it.
             timers.add(Timer.HEARTBEAT)
 
         for effect in effects:

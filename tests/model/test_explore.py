@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import replace
 
 import pytest
 
@@ -17,11 +18,17 @@ from steadysocket.model.explore import (
     Server,
     Socket,
     World,
+    _event_for,
     check,
     initial_world,
 )
 from steadysocket.model.graph import rows
-from steadysocket.model.lifecycle import ATTEMPT_ABANDONED, CLIENT_RECONNECT, Lifecycle
+from steadysocket.model.lifecycle import (
+    ATTEMPT_ABANDONED,
+    CLIENT_DISCONNECT,
+    CLIENT_RECONNECT,
+    Lifecycle,
+)
 from steadysocket.model.snapshot import Phase
 
 Summary = Callable[[str, str], None]
@@ -135,9 +142,30 @@ class OpenGracefulWaits(Lifecycle):
         return False
 
 
+class OpensWithoutHello(Lifecycle):
+    """Counts every new attempt as a successful handshake, before any hello arrived."""
+
+    def resolve(self, effect: Effect) -> Effect | None:
+        if isinstance(effect, OpenSocket) and not effect.probe:
+            self.send("handshake_succeeded")
+        return super().resolve(effect)
+
+
+class ReconnectsAfterDisconnect(Lifecycle):
+    """Starts a new attempt right after closing for disconnect()."""
+
+    def emit(self, effects: Iterable[Effect]) -> None:
+        effects = tuple(effects)
+        if CLIENT_DISCONNECT in effects:
+            effects = (*effects, OpenSocket())
+        super().emit(effects)
+
+
 @pytest.mark.parametrize(
     ("variant", "invariant"),
     [
+        (OpensWithoutHello, Invariant.OPEN_AFTER_HELLO),
+        (ReconnectsAfterDisconnect, Invariant.STOP_MEANS_STOP),
         (NoConnectTimeout, Invariant.NO_STUCK_PHASE),
         (RetrySkipsCounter, Invariant.ATTEMPTS_BOUNDED),
         (LeavesFailedAttemptOpen, Invariant.ONE_IN_FLIGHT),
@@ -213,3 +241,33 @@ def test_disconnect_from_open_leaves_nothing_behind() -> None:
 def test_default_configs_cover_single_attempt_and_disabled_probe() -> None:
     assert Config(max_attempts=1, probe=True) in DEFAULT_CONFIGS
     assert any(not c.probe for c in DEFAULT_CONFIGS)
+
+
+def test_a_change_of_server_behaviour_is_no_lifecycle_event() -> None:
+    explorer = Explorer()
+    world = explorer.step(initial_world(), Input.CONNECT).world
+    step = explorer.step(world, Input.SERVER_DOWN)
+    assert step.event is None
+    assert step.effects == ()
+    assert step.world == replace(world, server=Server.DOWN)
+    assert _event_for(world, Input.SERVER_SILENT) == (None, {})
+
+
+def _up(phase: Phase, attempts: int) -> World:
+    return World(phase, attempts, Socket.NONE, frozenset({Timer.RETRY}), Server.UP, stopped=False)
+
+
+def test_the_cycle_finder_reports_a_cycle_even_beside_a_dead_end() -> None:
+    """A world with one automatic way into a dead end and one into a cycle that never opens:
+    peeling the dead end leaves the cycle, which is reported."""
+    explorer = Explorer()
+    start, dead_end, loop = _up(Phase.FAILED, 1), _up(Phase.FALLBACK, 1), _up(Phase.FAILED, 2)
+    graph = {
+        start: [(Input.RETRY_TIMER, dead_end), (Input.PROBE_TIMER, loop)],
+        dead_end: [],
+        loop: [(Input.RETRY_TIMER, start)],
+    }
+    parent: dict[World, tuple[World, Input] | None] = {start: None, dead_end: None, loop: None}
+    violations = explorer._cycles_avoiding_open(list(graph), graph, parent)
+    assert {v.world for v in violations} == {start, loop}
+    assert all(v.invariant is Invariant.RECOVERS_WHEN_UP for v in violations)
