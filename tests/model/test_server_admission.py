@@ -142,3 +142,55 @@ def test_4429_is_sendable_and_a_client_retries_it_after_backoff() -> None:
     assert is_sendable_close_code(RATE_LIMITED.code)
     classification = classify(CloseFailure(RATE_LIMITED.code, RATE_LIMITED.reason))
     assert (classification.kind, classification.retryable) == (FailureKind.UNKNOWN, True)
+
+
+# ---- metering: Pings count, and the server's own pauses are credited (issue 16, point 4) ------
+
+
+def test_a_protocol_ping_counts_against_the_rate_limit_and_is_a_sign_of_life() -> None:
+    session = opened(
+        ServerConfig(
+            rate_limit_messages=2,
+            rate_limit_window_ms=1000,
+            heartbeat_interval_ms=1000,
+            connection_timeout_ms=1000,
+        )
+    )
+    session.handle_timer(now=1.0, wall=WALL)  # a ping: the dead-client clock starts
+    assert session.receive_control(now=1.5) == []
+    assert session.handle_timer(now=2.1, wall=WALL) != [Close(1011, "heartbeat timeout")]
+    assert session.receive_control(now=1.5) == []
+    assert session.receive_control(now=1.5) == [RATE_LIMITED]
+    assert session.state is SessionState.CLOSED
+    assert session.receive_control(now=9.0) == []
+
+
+def test_a_paused_bucket_credits_the_paused_time_above_its_capacity() -> None:
+    bucket = TokenBucket(capacity=10, window=1.0, now=0.0)
+    for _ in range(10):
+        assert bucket.take(0.0)
+    bucket.pause(0.0)
+    bucket.resume(3.0)  # 3 s not read: a client at the rate sent 30 frames meanwhile
+    assert [bucket.take(3.0) for _ in range(31)] == [True] * 30 + [False]
+    # The credit is spent; from now on the ordinary refill, capped at the capacity.
+    assert [bucket.take(10.0) for _ in range(11)] == [True] * 10 + [False]
+
+
+def test_a_paused_bucket_still_refuses_a_client_faster_than_the_rate() -> None:
+    bucket = TokenBucket(capacity=2, window=1.0, now=0.0)
+    bucket.pause(0.0)
+    bucket.resume(1.0)  # credit: 2 frames for the second paused, plus the full bucket
+    assert [bucket.take(1.0) for _ in range(5)] == [True, True, True, True, False]
+
+
+def test_a_held_session_meters_what_it_reads_late_with_the_held_time_credited() -> None:
+    session = opened(ServerConfig(rate_limit_messages=10, rate_limit_window_ms=1000))
+    for step in range(10):  # ten frames in the first second, at the rate
+        session.receive_text('{"type":"pong"}', now=step * 0.1, wall=WALL)
+    session.hold(now=1.0)
+    assert session.held
+    session.release(now=3.0)
+    # Twenty frames sent at the rate while the server was not reading, read in one burst.
+    replies = [session.receive_text('{"type":"pong"}', now=3.0, wall=WALL) for _ in range(20)]
+    assert replies == [[]] * 20
+    assert session.state is SessionState.OPEN

@@ -15,17 +15,21 @@ from steadysocket.model.server_session import (
     DEFAULT_CONNECTION_TIMEOUT_MS,
     DEFAULT_HEARTBEAT_INTERVAL_MS,
     DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_MAX_OUTBOX_BYTES,
     HANDSHAKE_ERROR,
     HEARTBEAT_TIMEOUT,
     MAX_INTERVAL_MS,
     MESSAGE_TOO_BIG,
     SHUTDOWN,
+    UNSUPPORTED_LEGACY_DATA,
     Action,
     ClientRoute,
     Close,
+    CloseRecord,
     ConfigError,
     Deliver,
     LegacyRoute,
+    Outbox,
     SendText,
     ServerConfig,
     ServerSession,
@@ -33,7 +37,9 @@ from steadysocket.model.server_session import (
     encode_server_message,
     is_sendable_close_code,
     legacy_echo,
+    legacy_reply,
     match_route,
+    utf8_size,
 )
 
 WALL = datetime(2025, 8, 15, 10, 0, 0, 123456, tzinfo=UTC)
@@ -501,3 +507,151 @@ def test_a_malformed_variable_is_an_error_naming_the_variable_and_value(
 def test_a_bad_argument_is_an_error_naming_the_argument(name: str, value: object) -> None:
     with pytest.raises(ConfigError, match=f"^{name} must be a positive integer"):
         ServerConfig(**{name: value})  # type: ignore[arg-type]
+
+
+# ---- percent-encoded targets are decoded once, segment by segment (issue 16, point 7) ----------
+
+
+@pytest.mark.parametrize(
+    ("target", "route"),
+    [
+        ("/ws/%63lient?client_id=a", ClientRoute("client_id=a")),
+        ("/ws/%63%6C%69%65%6E%74", ClientRoute("")),
+        ("/%77s/client", ClientRoute("")),
+        ("/ws/a%2Fb", LegacyRoute("a/b")),
+        ("/ws/client%2F", LegacyRoute("client/")),
+        ("/ws/%25", LegacyRoute("%")),
+        ("/ws/%2563lient", LegacyRoute("%63lient")),
+        ("/ws/%C3%A9", LegacyRoute("é")),
+        ("/ws/%", LegacyRoute("%")),
+        ("/ws%2Fclient", None),
+        ("/ws/client/%2E", None),
+    ],
+)
+def test_a_percent_encoded_target_is_decoded_once_per_segment(
+    target: str, route: ClientRoute | LegacyRoute | None
+) -> None:
+    assert match_route(target) == route
+
+
+@given(st.text(alphabet="abc/%2Fcilntw", max_size=16))
+def test_an_encoded_client_path_is_never_the_legacy_echo(suffix: str) -> None:
+    target = "/ws/" + "".join(f"%{ord(ch):02X}" for ch in "client")
+    assert match_route(target + "?" + suffix.replace("#", "")) == ClientRoute(
+        suffix.partition("#")[0]
+    )
+
+
+# ---- the legacy echo's size limit (issue 16, point 7) -----------------------------------------
+
+
+def test_the_legacy_reply_is_the_echo_1009_over_the_limit_and_1003_for_binary() -> None:
+    assert legacy_reply("hi", 10) == SendText("Echo: hi")
+    assert legacy_reply("x" * 10, 10) == SendText("Echo: " + "x" * 10)
+    assert legacy_reply("x" * 11, 10) == MESSAGE_TOO_BIG
+    assert legacy_reply("é" * 6, 10) == MESSAGE_TOO_BIG  # 12 UTF-8 bytes
+    assert legacy_reply(b"\x00", 10) == UNSUPPORTED_LEGACY_DATA
+    assert legacy_reply(b"\x00" * 11, 10) == MESSAGE_TOO_BIG
+
+
+# ---- the outbox: bounded, never waits (issue 16, points 2 and 3) ------------------------------
+
+
+def test_the_outbox_queues_what_fits_in_order_and_refuses_the_rest() -> None:
+    box = Outbox(10)
+    assert box.offer("abcd")
+    assert box.offer("éé")  # 4 UTF-8 bytes
+    assert box.queued_bytes == 8
+    assert not box.offer("abc")  # 11 > 10: refused, counted, nothing dropped
+    assert box.refused == 1
+    assert box.offer("ab")
+    assert box.queued_bytes == 10
+    assert [box.take(), box.take(), box.take(), box.take()] == ["abcd", "éé", "ab", None]
+    assert box.queued_bytes == 0
+
+
+def test_an_empty_outbox_takes_one_message_of_any_size() -> None:
+    box = Outbox(10)
+    assert box.offer("x" * 100)
+    assert not box.offer("y")
+    assert box.take() == "x" * 100
+    assert box.offer("y")
+
+
+def test_a_sealed_outbox_refuses_without_counting_and_keeps_what_it_has() -> None:
+    box = Outbox(10)
+    box.offer("a")
+    box.seal()
+    assert not box.offer("b")
+    assert box.refused == 0
+    assert box.take() == "a"
+    assert box.clear() == 0
+
+
+@given(st.lists(st.text(max_size=40), max_size=50), st.integers(1, 64))
+def test_the_outbox_never_holds_more_than_its_limit_plus_one_message(
+    texts: list[str], limit: int
+) -> None:
+    box = Outbox(limit)
+    for text in texts:
+        box.offer(text)
+        largest = max(utf8_size(t) for t in texts)
+        assert box.queued_bytes <= max(limit, largest)
+    assert box.queued_bytes == sum(utf8_size(t) for t in iter(box.take, None))
+
+
+def test_utf8_size_counts_bytes() -> None:
+    assert [utf8_size(t) for t in ("", "abc", "é", "€", "😀", "\ud800")] == [0, 3, 2, 3, 4, 3]
+
+
+def test_the_default_outbox_bound_is_4_mib_and_must_be_positive() -> None:
+    assert ServerConfig().max_outbox_bytes == DEFAULT_MAX_OUTBOX_BYTES == 4 << 20
+    assert ServerConfig.from_env({}, max_outbox_bytes=5).max_outbox_bytes == 5
+    with pytest.raises(ConfigError, match="max_outbox_bytes"):
+        ServerConfig(max_outbox_bytes=0)
+
+
+def test_the_close_timeout_is_the_connection_timeout_capped_at_10_s() -> None:
+    assert ServerConfig(connection_timeout_ms=800).close_timeout == 0.8
+    assert ServerConfig().close_timeout == 10.0
+
+
+# ---- how a connection ended: one rule for every adapter (issue 16, point 7) -------------------
+
+
+def test_the_first_close_decides_the_code() -> None:
+    server_first = CloseRecord()
+    assert server_first.server_closed(1011, "heartbeat timeout")
+    assert not server_first.peer_closed(1000, "")
+    assert not server_first.lost()
+    assert (server_first.code, server_first.reason) == (1011, "heartbeat timeout")
+
+    peer_first = CloseRecord()
+    assert peer_first.peer_closed(1000, "bye")
+    assert not peer_first.server_closed(1001, "Server shutting down")
+    assert not peer_first.lost()  # a push that fails after the client's close
+    assert (peer_first.code, peer_first.reason) == (1000, "bye")
+
+    lost = CloseRecord()
+    assert (lost.code, lost.reason) == (None, "")
+    assert lost.lost()
+    assert not lost.server_closed(1001, "Server shutting down")
+    assert (lost.code, lost.reason) == (1006, "")
+
+
+# ---- the server not reading: hold and release (issue 16, point 6) -----------------------------
+
+
+def test_a_held_session_is_not_closed_for_silence_and_release_counts_as_activity() -> None:
+    session = opened()  # interval 1 s, timeout 3 s
+    only_text(session.handle_timer(now=1.0, wall=at(1)))  # ping 0: dead at 4.0
+    session.hold(now=1.5)
+    assert session.next_deadline() == 2.0  # the next ping, not the dead-client close
+    for t in (2.0, 3.0, 4.0, 5.0):
+        assert json.loads(only_text(session.handle_timer(now=t, wall=at(t))))["type"] == "ping"
+    session.release(now=5.5)
+    assert not session.held
+    # The silence is measured again from the first ping after the release.
+    assert json.loads(only_text(session.handle_timer(now=6.0, wall=at(6))))["type"] == "ping"
+    assert session.next_deadline() == 7.0
+    assert session.handle_timer(now=9.0, wall=at(9)) == [HEARTBEAT_TIMEOUT]
