@@ -202,3 +202,52 @@ def test_serve_options_default_to_none_so_the_environment_can_fill_them() -> Non
         ["serve", "--heartbeat-interval-ms", "5", "--max-message-bytes", "9"]
     )
     assert (explicit.heartbeat_interval_ms, explicit.max_message_bytes) == (5, 9)
+
+
+def test_sigterm_ends_serve_within_the_close_timeout_even_when_clients_never_answer() -> None:
+    """Issue 16, point 1: one client stops reading after its hello, another floods echo requests
+    without reading; SIGTERM still ends the process within the close timeout (1 s here) plus
+    the documented 1.5 s, with exit status 0."""
+
+    async def body() -> tuple[float, int, list[str]]:
+        process, port, lines = await start_serve(
+            "--heartbeat-interval-ms", "60000", "--connection-timeout-ms", "1000"
+        )
+        url = f"ws://127.0.0.1:{port}"
+        try:
+            deaf = await connect(f"{url}/ws/client?client_id=deaf", proxy=None)
+            hog = await connect(f"{url}/ws/client?client_id=hog", proxy=None, compression=None)
+            try:
+                async with asyncio.timeout(TIMEOUT):
+                    await deaf.recv()
+                    await hog.recv()
+                deaf.transport.pause_reading()
+                hog.transport.pause_reading()
+                payload = '{"type":"hog","s":"' + "y" * 60_000 + '"}'
+                try:
+                    async with asyncio.timeout(2.0):
+                        for _ in range(200):  # bounded; TCP pushes back long before the end
+                            await hog.send(payload)
+                except (TimeoutError, ConnectionClosed):
+                    pass
+                loop = asyncio.get_running_loop()
+                began = loop.time()
+                process.send_signal(signal.SIGTERM)
+                async with asyncio.timeout(TIMEOUT):
+                    await process.wait()
+                took = loop.time() - began
+            finally:
+                deaf.transport.abort()
+                hog.transport.abort()
+            lines += await rest_of_stderr(process)
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+        assert process.returncode is not None
+        return took, process.returncode, lines
+
+    took, returncode, lines = run(body())
+    assert took < 1.0 + 1.5 + 2.0  # close timeout, forced steps, slack for a loaded machine
+    assert returncode == 0
+    assert "Traceback" not in "".join(lines)
