@@ -140,5 +140,5 @@ def describe(effect: Effect) -> str:
             return "flush queue"
         case ReturnQueue():
             return "return queue"
-        case ResetBackoff():
+        case ResetBackoff():  # pragma: no branch - the match covers every Effect
             return "reset backoff"

@@ -1442,3 +1442,14 @@ def test_failed_probes_keep_the_reason_fallback_was_entered_with(how: str) -> No
         assert rt.phase() is Phase.FALLBACK
         assert rt.core.fallback_reason == reason
         assert rt.core.snapshot().fallback_reason == reason
+
+
+def test_prepare_refuses_a_message_nested_too_deeply_to_encode() -> None:
+    rt = client()
+    message: dict[str, Any] = {"type": "deep"}
+    inner = message
+    for _ in range(100_000):
+        inner["v"] = {}
+        inner = inner["v"]
+    with pytest.raises(ValueError, match="nested too deeply"):
+        rt.core.prepare(message)

@@ -870,3 +870,50 @@ def test_build_client_url_rejects_a_url_without_host(base: str) -> None:
 def test_build_client_url_rejects_an_invalid_port() -> None:
     with pytest.raises(ValueError, match="invalid port"):
         build_client_url("ws://h:99999", "c")
+
+
+# -- error paths (coverage of model/ from tests/model) ----------------------------------------
+
+
+@pytest.mark.parametrize("value", [None, 1700000000, b"2025-08-15T10:00:00Z"])
+def test_parse_timestamp_rejects_a_value_that_is_not_a_string(value: Any) -> None:
+    with pytest.raises(ValueError, match="timestamp must be a string"):
+        parse_timestamp(value)
+
+
+def test_decode_text_accepts_many_brackets_that_are_not_nested_deeply() -> None:
+    """More brackets than the nesting limit, side by side: the walk finds them shallow."""
+    text = json.dumps({"type": "x", "v": [[] for _ in range(MAX_NESTING_DEPTH)], "n": 1})
+    assert text.count("[") > MAX_NESTING_DEPTH
+    assert decode_text(text)["v"] == [[]] * MAX_NESTING_DEPTH
+
+
+class _ExplodingMapping(Mapping[str, Any]):
+    """A query mapping whose lookups raise, as a broken adapter's might."""
+
+    def __getitem__(self, key: str) -> Any:
+        raise RuntimeError("broken adapter")
+
+    def get(self, key: str, default: Any = None) -> Any:
+        raise RuntimeError("broken adapter")
+
+    def __iter__(self) -> Any:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
+def test_validate_query_treats_a_mapping_that_raises_as_missing_values() -> None:
+    verdict = validate_query(_ExplodingMapping())
+    assert verdict == Reject(CloseCode.POLICY_VIOLATION, "Invalid client_id")
+
+
+def test_validate_query_reads_a_scalar_value_as_the_value_itself() -> None:
+    assert validate_query({"client_id": 7}) == Reject(  # type: ignore[dict-item]
+        CloseCode.POLICY_VIOLATION, "Invalid client_id"
+    )
+    # Only the text "1" is version one; the number is not.
+    assert validate_query({"client_id": "abc", "version": 1}) == Reject(  # type: ignore[dict-item]
+        CloseCode.UNSUPPORTED_VERSION, "Unsupported version 1"
+    )
