@@ -18,18 +18,19 @@ Scopes:
 - admission (``allowed_origins``, ``max_connections``): a forbidden ``Origin`` gets HTTP 403 and
   a full app HTTP 503 through ``websocket.http.response``; a server without that extension can
   only turn the refusal into HTTP 403. The rate limit is the shared session's (close 4429).
-- ``http``: HTTP 404 ``Not Found``, whatever the path.
+- ``http``: HTTP 426 ``Upgrade Required`` on the two WebSocket paths, HTTP 404 elsewhere (as
+  SteadyServer answers).
 - ``lifespan``: startup completes at once and starts nothing; shutdown runs :meth:`close`, which
   closes every connection with 1001 ``Server shutting down``.
 
 Paths: the route is ``path`` with ``root_path`` removed, as Starlette's ``Mount`` sets them, so
 the app can be mounted under a prefix (``Mount("/realtime", app=steady)`` serves
-``/realtime/ws/client``). The decoded path is percent-encoded again before matching, so a legacy
-``client_id`` is decoded exactly once.
+``/realtime/ws/client``). Routing uses ``raw_path`` (what arrived on the wire) so that
+``match_route`` decodes each segment once, exactly as on SteadyServer.
 
 Tasks: the ASGI server runs one task per connection; inside it the shared pump runs a TaskGroup
-with a reader and a heartbeat task for ``/ws/client``. Nothing else is started, and :meth:`close`
-returns once every connection of this app has finished.
+with a reader and a writer, and the handlers in the connection's task. Nothing else is started,
+and :meth:`close` returns once every connection of this app has finished, within its bound.
 
 What the ASGI server decides, not this module: the opening-handshake timeout, protocol-level
 keepalive (uvicorn sends WebSocket Pings every 20 s by default, on every path; pass
@@ -43,6 +44,7 @@ await :meth:`close` before that to send 1001, see the README).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, Final, Unpack
@@ -365,7 +367,9 @@ class SteadyASGI(Endpoints):
                 return  # the client left during the upgrade
             link = _ASGILink(receive, send, remote_address=_describe_peer(scope))
             if self._stopping:
-                await link.close(SHUTDOWN.code, SHUTDOWN.reason)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.config.close_timeout):
+                        await link.close(SHUTDOWN.code, SHUTDOWN.reason)
             elif isinstance(route, ClientRoute):
                 await self.serve_client(link, route.query)
             else:
