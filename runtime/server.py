@@ -308,6 +308,7 @@ class _Conn:
         "link",
         "outbox",
         "reader",
+        "refusing",
         "send_scope",
         "session",
         "space",
@@ -334,6 +335,7 @@ class _Conn:
         """The connection's task is done, ``on_disconnect`` included."""
         self.closing: Close | None = None
         self.close_deadline: float | None = None
+        self.refusing = False
         self.reader: asyncio.Task[None] | None = None
         self.send_scope: asyncio.Timeout | None = None
         self.body_scope: asyncio.Timeout | None = None
@@ -732,14 +734,18 @@ class Endpoints:
         if conn.closing is not None or conn.ended.is_set():
             return False
         if conn.outbox.offer(text):
+            conn.refusing = False
             conn.wake.set()
             return True
         self.refused_pushes += 1
-        logger.warning(
-            "push to %s refused: %d bytes already wait in its outbox",
-            conn.link.remote_address,
-            conn.outbox.queued_bytes,
-        )
+        if not conn.refusing:  # one line per run of refusals, not one per push
+            conn.refusing = True
+            logger.warning(
+                "push to %s refused: %d bytes already wait in its outbox (until it drains, "
+                "further pushes to it are refused silently and counted)",
+                conn.link.remote_address,
+                conn.outbox.queued_bytes,
+            )
         return False
 
     def _carry_out(self, conn: _Conn, actions: list[Action]) -> None:
