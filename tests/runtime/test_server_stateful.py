@@ -45,8 +45,8 @@ PUSH_BOUND = 0.5  # a push that waited on a stalled peer would take the 1 s writ
 PEERS = ("healthy", "stalled", "halfopen", "slow")
 
 _PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
-EXAMPLES = 4 if _PROFILE in ("ci", "dev") else 60
-STEPS = 10 if _PROFILE in ("ci", "dev") else 30
+EXAMPLES = 4 if _PROFILE in ("ci", "dev") else 30
+STEPS = 10 if _PROFILE in ("ci", "dev") else 25
 
 
 @dataclass
