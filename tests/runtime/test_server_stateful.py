@@ -225,9 +225,10 @@ class ServerMachine(RuleBasedStateMachine):
                 return
             budget = {"healthy": 200, "slow": 1, "stalled": 0}[peer.kind]
             with contextlib.suppress(ConnectionClosed, TimeoutError):
-                for _ in range(budget):
+                for _ in range(budget):  # until nothing more is waiting
                     async with asyncio.timeout(5 * MS):
                         await peer.ws.recv()
+            with contextlib.suppress(ConnectionClosed, TimeoutError):
                 async with asyncio.timeout(TIMEOUT):
                     await peer.ws.send('{"type":"pong"}')
 
