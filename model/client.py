@@ -425,7 +425,8 @@ class ClientCore:
 
         Raises:
             TypeError: ``message`` is not a mapping, or holds a value JSON cannot encode (a
-                ``datetime``, a function, a non-string key...).
+                ``datetime``, a function, a tuple as a key...; int, float,
+                bool and None keys become strings, as in JSON).
             ValueError: a value is NaN or infinite, the structure is circular or nested too
                 deeply, or the encoded text is longer than ``max_message_bytes``.
         """

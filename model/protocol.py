@@ -280,11 +280,22 @@ def _is_int(value: object) -> bool:
 
 
 def _int(
-    data: Mapping[str, Any], msg: MessageType, name: str, *, minimum: int | None = None
+    data: Mapping[str, Any],
+    msg: MessageType,
+    name: str,
+    *,
+    minimum: int | None = None,
+    maximum: int | None = None,
 ) -> int:
     value = _get(data, msg, name)
-    if not _is_int(value) or (minimum is not None and value < minimum):
+    if (
+        not _is_int(value)
+        or (minimum is not None and value < minimum)
+        or (maximum is not None and value > maximum)
+    ):
         expected = "an integer" if minimum is None else f"an integer >= {minimum}"
+        if maximum is not None:
+            expected += f" and <= {maximum}"
         raise _bad(msg, name, expected, value)
     return int(value)
 
@@ -346,6 +357,11 @@ class _Message:
         return _dumps(self.to_dict())
 
 
+MAX_HEARTBEAT_INTERVAL_MS = 86_400_000
+"""The longest heartbeat interval a hello may announce (a day); beyond it, the hello is invalid
+(a 400-digit number would overflow the client's timer arithmetic)."""
+
+
 @dataclass(frozen=True)
 class Hello(_Message):
     """The server's first message after accepting a connection.
@@ -403,7 +419,9 @@ class Hello(_Message):
             features=tuple(raw_features),
             request_id=_str(data, msg, "request_id"),
             client_id=_str(data, msg, "client_id"),
-            heartbeat_interval_ms=_int(data, msg, "heartbeat_interval_ms", minimum=1),
+            heartbeat_interval_ms=_int(
+                data, msg, "heartbeat_interval_ms", minimum=1, maximum=MAX_HEARTBEAT_INTERVAL_MS
+            ),
         )
 
 

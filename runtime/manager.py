@@ -35,11 +35,13 @@ import os
 import random
 import time
 import uuid
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from datetime import UTC, datetime
+from functools import partial
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Self
 
 from steadysocket.model.backoff import BackoffStrategy
 from steadysocket.model.classify import CloseFailure, ErrorFailure, ErrorKind, Failure, classify
@@ -77,8 +79,6 @@ DEFAULT_SEND_BUFFER_BYTES = 4 * DEFAULT_MAX_MESSAGE_BYTES
 """Bytes ``send()`` accepts while open that may wait for the writer (``send_buffer_bytes``)."""
 DEFAULT_STREAM_BUFFER = 1000
 """Messages one ``messages()`` stream holds for a slow consumer before it drops new ones."""
-
-_T = TypeVar("_T")
 
 Sleep = Callable[[float], Awaitable[None]]
 StateListener = Callable[[WSState], None]
@@ -153,9 +153,10 @@ class MessageStream:
     """Received messages as an async iterator: ``async for message in manager.messages()``.
 
     It is subscribed from the moment ``messages()`` returns, so nothing that arrives before the
-    first ``__anext__`` is missed. It keeps going across automatic reconnects and ends (after
-    yielding what it already holds) when the application calls ``disconnect()`` or
-    ``destroy()``, when the manager's ``async with`` exits, or on ``aclose()``.
+    first ``__anext__`` is missed, and until it ends or is no longer referenced (leaving an
+    ``async for`` with ``break`` lets it go). It keeps going across automatic reconnects and
+    ends (after yielding what it already holds) when the application calls ``disconnect()``
+    or ``destroy()``, when the manager's ``async with`` exits, or on ``aclose()``.
 
     Its buffer holds ``maxsize`` messages. When a consumer falls that far behind, newer
     messages are not added to this stream: each one is counted in ``dropped`` and logged as a
@@ -169,10 +170,11 @@ class MessageStream:
         self.dropped = 0
         """Messages this stream could not hold because its buffer was full."""
         self._buffer: deque[dict[str, Any]] = deque()
-        self._waiter: asyncio.Future[None] | None = None
+        self._waiters: list[asyncio.Future[None]] = []
         self._ended = False
         self._manager = manager
-        manager._streams.append(self)
+        # Held weakly: a stream left with ``break`` is collected and stops taking messages.
+        manager._streams.add(self)
 
     @property
     def ended(self) -> bool:
@@ -195,14 +197,14 @@ class MessageStream:
 
     def _end(self) -> None:
         self._ended = True
-        if self in self._manager._streams:
-            self._manager._streams.remove(self)
+        self._manager._streams.discard(self)
         self._wake()
 
     def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def __aiter__(self) -> Self:
         return self
@@ -211,11 +213,13 @@ class MessageStream:
         while not self._buffer:
             if self._ended:
                 raise StopAsyncIteration
-            self._waiter = asyncio.get_running_loop().create_future()
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
             try:
-                await self._waiter
+                await waiter
             finally:
-                self._waiter = None
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
         return self._buffer.popleft()
 
     async def aclose(self) -> None:
@@ -326,7 +330,8 @@ class WebSocketManager:
         self._error_listeners: list[ErrorListener] = []
         self._return_listeners: list[ReturnListener] = []
         self._phase_waiters: list[tuple[frozenset[Phase], asyncio.Future[Phase]]] = []
-        self._streams: list[MessageStream] = []
+        self._streams: weakref.WeakSet[MessageStream] = weakref.WeakSet()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- public API ----------------------------------------------------------------------
 
@@ -361,6 +366,7 @@ class WebSocketManager:
         if not self.enabled:
             logger.info("[WS] WEBSOCKET_ENABLED is false: staying idle")
             return
+        self._bind_loop()
         async with self._lock:
             self._check_alive()
             await self._ensure_supervisor()
@@ -374,6 +380,7 @@ class WebSocketManager:
         left, also when the peer never answers the close frame (it is aborted after
         ``CLOSE_TIMEOUT_S``) and when another call was running at the same time.
         """
+        self._bind_loop()
         async with self._lock:
             await self._disconnect_locked()
 
@@ -387,6 +394,7 @@ class WebSocketManager:
         if not self.enabled:
             logger.info("[WS] WEBSOCKET_ENABLED is false: staying idle")
             return
+        self._bind_loop()
         async with self._lock:
             self._check_alive()
             await self._ensure_supervisor()
@@ -402,9 +410,11 @@ class WebSocketManager:
         Calls of ``connect()`` or ``force_reconnect()`` waiting behind it raise
         ``ManagerClosed``, and so does a pending ``wait_for()``.
         """
+        self._bind_loop()
         async with self._lock:
             self._destroyed = True
-            await self._disconnect_locked()
+            self._end_session()
+            # All of this before the first await, so a cancelled destroy() still does it.
             self._state_listeners.clear()
             self._message_listeners.clear()
             self._error_listeners.clear()
@@ -412,6 +422,7 @@ class WebSocketManager:
             for _, future in self._phase_waiters:
                 if not future.done():
                     future.set_exception(ManagerClosed("the WebSocketManager was destroyed"))
+            await self._stop_supervisor()
 
     def send(self, message: Mapping[str, Any]) -> bool:
         """Send a message (a JSON object); adds a ``timestamp`` if it has none.
@@ -483,9 +494,9 @@ class WebSocketManager:
         wanted = frozenset(Phase(p) for p in phases)
         if not wanted:
             raise ValueError("wait_for() needs at least one phase")
+        self._check_alive()
         if self.phase in wanted:
             return self.phase
-        self._check_alive()
         future: asyncio.Future[Phase] = asyncio.get_running_loop().create_future()
         entry = (wanted, future)
         self._phase_waiters.append(entry)
@@ -524,13 +535,46 @@ class WebSocketManager:
         if self._destroyed:
             raise ManagerClosed("this WebSocketManager was destroyed; create a new one")
 
+    def _bind_loop(self) -> None:
+        """Use the running loop: a manager may move to a new loop (``asyncio.run`` twice) once
+        it is not running on the old one.
+
+        Raises:
+            RuntimeError: the manager is still running on another, open, event loop.
+        """
+        loop = asyncio.get_running_loop()
+        if self._loop is loop:
+            return
+        supervisor = self._supervisor
+        if supervisor is not None and not supervisor.done():
+            if not supervisor.get_loop().is_closed():
+                raise RuntimeError(
+                    "this WebSocketManager runs on another event loop; disconnect() it there first"
+                )
+            # The old loop closed under a running manager: what it held is gone with it.
+            logger.warning("[WS] the event loop closed under a running manager; starting over")
+            self._supervisor = self._group = None
+            self._children.clear()
+            self._timers.clear()
+            self._apply(self._core.disconnect())
+            self._salvage_outgoing()
+            self._hand_back(self._core.take_queue())
+        self._loop = loop
+        self._lock = asyncio.Lock()
+        self._stop = asyncio.Event()
+        self._wake = asyncio.Event()
+
     async def _disconnect_locked(self) -> None:
+        self._end_session()
+        await self._stop_supervisor()
+
+    def _end_session(self) -> None:
+        """The synchronous part of a disconnect: go idle, hand back, end the streams."""
         self._apply(self._core.disconnect())
         # Whatever the phase was, nothing accepted stays behind: unwritten and queued messages
         # go back to the application.
         self._salvage_outgoing()
         self._hand_back(self._core.take_queue())
-        await self._stop_supervisor()
         for stream in tuple(self._streams):
             stream._end()
 
@@ -580,16 +624,16 @@ class WebSocketManager:
             self._supervisor = None
 
     def _spawn(
-        self, coro: Coroutine[Any, Any, _T], name: str, *, bounded: bool = False
-    ) -> asyncio.Task[_T] | None:
+        self, job: Callable[[], Coroutine[Any, Any, None]], name: str, *, bounded: bool = False
+    ) -> asyncio.Task[None] | None:
         """Run ``coro`` in the supervisor's group; ``bounded`` tasks (closes) are not cancelled
-        when the supervisor stops, the rest are."""
+        when the supervisor stops, the rest are. An exception in one of them is logged and
+        never ends the group (which would cancel every other task of the manager)."""
         group = self._group
         if group is None:
-            coro.close()
             logger.debug("[WS] no supervisor: %s not started", name)
             return None
-        task = group.create_task(coro, name=name)
+        task = group.create_task(_guarded(job, name), name=name)
         if not bounded:
             self._children.add(task)
             task.add_done_callback(self._children.discard)
@@ -603,14 +647,15 @@ class WebSocketManager:
                 case OpenSocket():
                     generation = self._core.generation
                     self._socket_task = self._spawn(
-                        self._socket_main(generation), f"steadysocket-socket-{generation}"
+                        partial(self._socket_main, generation),
+                        f"steadysocket-socket-{generation}",
                     )
                 case CloseSocket(code=code, reason=reason):
                     self._drop_socket(code, reason)
                 case StartTimer(timer=timer, delay_ms=delay, token=token):
                     self._cancel_timer(timer)
                     task = self._spawn(
-                        self._timer_main(timer, token or 0, (delay or 0.0) / 1000.0),
+                        partial(self._timer_main, timer, token or 0, (delay or 0.0) / 1000.0),
                         f"steadysocket-timer-{timer}",
                     )
                     if task is not None:
@@ -645,7 +690,7 @@ class WebSocketManager:
             self._close(transport, code, reason)
 
     def _close(self, transport: Transport, code: int, reason: str) -> None:
-        closing = self._close_transport(transport, code, reason)
+        closing = partial(self._close_transport, transport, code, reason)
         if self._spawn(closing, "steadysocket-close", bounded=True) is None:
             _abort(transport)
 
@@ -673,6 +718,25 @@ class WebSocketManager:
 
     async def _socket_main(self, generation: int) -> None:
         try:
+            await self._socket(generation)
+        except Exception as exc:
+            # Unreachable by design (every path of _socket handles what it expects); whatever
+            # escapes fails this connection or attempt, never the manager.
+            logger.exception("[WS] socket #%d failed unexpectedly", generation)
+            if generation != self._core.live_generation:
+                return
+            failure = ErrorFailure(ErrorKind.OTHER, f"{type(exc).__name__}: {exc}")
+            self._report(failure)
+            if self._transport is not None:
+                self._release(self._transport, 1000, "Connection lost")
+            if self.phase in {Phase.OPEN, Phase.DEGRADED}:
+                self._apply(self._core.closed(generation, failure))
+            else:
+                self._apply(self._core.attempt_failed(generation, failure))
+            self._salvage_outgoing()
+
+    async def _socket(self, generation: int) -> None:
+        try:
             # Awaited directly, no task in between: if this task is cancelled, the opener
             # sees the cancellation itself (websockets aborts a half-open handshake).
             transport = await self._opener(self.url)
@@ -689,6 +753,11 @@ class WebSocketManager:
         self._control.clear()
         try:
             first = await transport.recv()
+        except asyncio.CancelledError:
+            if _cancelling():
+                raise
+            self._attempt_failed(generation, transport, _failure_of(_spurious_cancel()))
+            return
         except Exception as exc:
             self._attempt_failed(generation, transport, _failure_of(exc))
             return
@@ -732,6 +801,14 @@ class WebSocketManager:
             self._close(transport, code, reason)
 
     async def _reader(self, transport: Transport) -> None:
+        try:
+            await self._read(transport)
+        except asyncio.CancelledError:
+            if _cancelling():
+                raise
+            raise _spurious_cancel() from None
+
+    async def _read(self, transport: Transport) -> None:
         core = self._core
         while True:
             frame = await transport.recv()
@@ -749,17 +826,33 @@ class WebSocketManager:
             if message is not None:
                 if message.get("type") == "error":
                     self._emit_error(
-                        ServerError(str(message.get("error_code")), str(message.get("message")))
+                        ServerError(
+                            str(message.get("error_code", "error")), str(message.get("message", ""))
+                        )
                     )
                 for listener in tuple(self._message_listeners):
                     try:
                         listener(message)
-                    except Exception:
+                    except (Exception, asyncio.CancelledError):
                         logger.exception("[WS] message listener raised")
-                for stream in tuple(self._streams):
-                    stream._put(message)
+                if self._streams:
+                    self._to_streams(message)
+
+    def _to_streams(self, message: dict[str, Any]) -> None:
+        # A method of its own: a loop variable in the reader's frame would keep the last
+        # stream alive after its consumer let it go.
+        for stream in tuple(self._streams):
+            stream._put(message)
 
     async def _writer(self, transport: Transport) -> None:
+        try:
+            await self._write(transport)
+        except asyncio.CancelledError:
+            if _cancelling():
+                raise
+            raise _spurious_cancel() from None
+
+    async def _write(self, transport: Transport) -> None:
         """Write control frames, then data, in order; any error ends the connection.
 
         A data frame leaves the buffer when its ``send()`` begins and counts as written then
@@ -837,7 +930,7 @@ class WebSocketManager:
         for listener in tuple(self._return_listeners):
             try:
                 listener(list(messages))
-            except Exception:
+            except (Exception, asyncio.CancelledError):
                 logger.exception("[WS] returned-message listener raised")
 
     # -- listeners -----------------------------------------------------------------------
@@ -871,7 +964,7 @@ class WebSocketManager:
         for listener in tuple(self._error_listeners):
             try:
                 listener(error)
-            except Exception:
+            except (Exception, asyncio.CancelledError):
                 logger.exception("[WS] error listener raised")
 
     def _notify_phase(self) -> None:
@@ -884,11 +977,31 @@ class WebSocketManager:
             for listener in tuple(self._state_listeners):
                 try:
                     listener(state)
-                except Exception:
+                except (Exception, asyncio.CancelledError):
                     logger.exception("[WS] state listener raised")
         for wanted, future in tuple(self._phase_waiters):
             if phase in wanted and not future.done():
                 future.set_result(phase)
+
+
+async def _guarded(job: Callable[[], Coroutine[Any, Any, None]], name: str) -> None:
+    # The coroutine is made here, not by the caller: a task cancelled before it started never
+    # runs this body, and there is then no coroutine left unawaited.
+    try:
+        await job()
+    except Exception:
+        logger.exception("[WS] task %s failed", name)
+
+
+def _cancelling() -> bool:
+    """Whether the current task was asked to stop (as opposed to a stray CancelledError)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+def _spurious_cancel() -> TransportClosed:
+    """A transport raised CancelledError that nobody asked for: the connection is broken."""
+    return TransportClosed(ErrorFailure(ErrorKind.OTHER, "the transport raised CancelledError"))
 
 
 def _abort(transport: Transport) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import json
 import math
 import os
@@ -570,5 +571,166 @@ def test_a_websockets_server_that_closes_during_overlapping_calls_leaves_nothing
             await m.destroy()
             assert steadysocket_tasks() == []
             assert _sockets_to(port) == 0
+
+    run(main)
+
+
+# -- found by an adversarial review ------------------------------------------------------------
+
+
+def test_a_hello_whose_numbers_overflow_fails_the_attempt_not_the_manager() -> None:
+    big = (
+        '{"type":"hello","server_time":"2025-01-01T00:00:00Z","accepted_version":1,'
+        '"features":[],"request_id":"r","client_id":"test-client","heartbeat_interval_ms":1'
+        + "0" * 400
+        + "}"
+    )
+
+    async def main() -> None:
+        clock, server, m = rig(Script.bad_hello(big))
+        errors: list[WSError] = []
+        m.on_error(failures_into(errors))
+        await m.connect()
+        await clock.settle()
+        assert errors[0].failure.kind is ErrorKind.INVALID_HELLO  # type: ignore[union-attr]
+        assert m.phase in {Phase.RECONNECTING, Phase.FAILED}
+        await server.set_script(Script.accept())
+        await clock.advance(30)
+        assert phase_of(m) is Phase.OPEN
+        await m.destroy()
+        assert steadysocket_tasks() == []
+
+    run(main)
+
+
+def test_a_manager_moves_to_a_new_event_loop_once_it_stopped_on_the_old_one() -> None:
+    m: WebSocketManager | None = None
+
+    async def once() -> list[int]:
+        nonlocal m
+        async with LoopbackServer(script=Script.accept()) as server:
+            if m is None:
+                m = WebSocketManager(server.url, "loops", environ={})
+            else:  # the same manager; the new loop's server listens on another port
+                m._core.url = m._core.url.replace(
+                    m._core.url.split("/")[2], f"127.0.0.1:{server.port}"
+                )
+            await asyncio.gather(m.disconnect(), m.connect())
+            await m.wait_for(Phase.OPEN, timeout=BOUND)
+            for n in range(3):
+                assert m.send({"type": "data", "id": n})
+            await asyncio.sleep(0.05)
+            await m.disconnect()
+            return _ids([f for c in server.connections for f in c.received if isinstance(f, str)])
+
+    assert run(once) == [0, 1, 2]
+    assert run(once) == [0, 1, 2]
+
+
+def test_a_stream_left_with_break_stops_taking_messages() -> None:
+    async def main() -> None:
+        clock, server, m = rig()
+        await m.connect()
+        await clock.settle()
+        for n in range(3):
+            await server.send(json.dumps({"type": "news", "n": n}))
+            async for message in m.messages():
+                if message["n"] == n:
+                    break
+        gc.collect()
+        assert len(m._streams) == 0
+        await m.destroy()
+
+    run(main)
+
+
+@pytest.mark.parametrize("teardown", ["disconnect", "destroy"])
+def test_a_cancelled_teardown_still_ends_the_streams_and_the_waiters(teardown: str) -> None:
+    async def main() -> None:
+        clock, _server, m = rig(Script.accept(close_delay_ms=5_000))
+        await m.connect()
+        await clock.settle()
+        stream = m.messages()
+        consumer = asyncio.ensure_future(anext(stream, "END"))
+        waiter = asyncio.ensure_future(m.wait_for(Phase.FALLBACK))
+        await clock.settle()
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(getattr(m, teardown)(), 0.001)
+        await clock.advance(10)
+        assert await consumer == "END"
+        if teardown == "destroy":
+            with pytest.raises(ManagerClosed):
+                await waiter
+        else:
+            waiter.cancel()
+        await m.destroy()
+        assert steadysocket_tasks() == []
+
+    run(main)
+
+
+class _CancelsOnSend(MemoryTransport):
+    async def send(self, text: str) -> None:
+        if '"data"' in text:
+            raise asyncio.CancelledError
+        await super().send(text)
+
+
+def test_a_stray_cancelled_error_from_the_transport_ends_the_connection() -> None:
+    async def main() -> None:
+        clock = VirtualClock()
+        server = InMemoryServer(clock, Script.accept())
+
+        async def opener(url: str) -> MemoryTransport:
+            transport = await server.open(url)
+            odd = _CancelsOnSend(server, transport.record)
+            odd._inbox = transport._inbox
+            server._links[transport.record.index] = odd
+            return odd
+
+        m = WebSocketManager(
+            server.url,
+            "odd",
+            environ={},
+            clock=clock,
+            sleep=clock.sleep,
+            opener=opener,
+            enable_heartbeat=False,
+        )
+        errors: list[WSError] = []
+        m.on_error(failures_into(errors))
+        await m.connect()
+        await clock.settle()
+        assert m.send({"type": "data", "id": 1})
+        await clock.settle()
+        assert "CancelledError" in str(errors[-1])
+        assert phase_of(m) in {Phase.RECONNECTING, Phase.FAILED}
+        await m.destroy()
+        assert steadysocket_tasks() == []
+
+    run(main)
+
+
+def test_two_consumers_of_one_stream_both_end_on_disconnect() -> None:
+    async def main() -> None:
+        clock, _server, m = rig()
+        await m.connect()
+        await clock.settle()
+        stream = m.messages()
+        first = asyncio.ensure_future(anext(stream, "END"))
+        second = asyncio.ensure_future(anext(stream, "END"))
+        await clock.settle()
+        await m.disconnect()
+        assert list(await asyncio.gather(first, second)) == ["END", "END"]
+
+    run(main)
+
+
+def test_wait_for_after_destroy_raises_even_for_the_current_phase() -> None:
+    async def main() -> None:
+        _clock, _server, m = rig()
+        await m.destroy()
+        with pytest.raises(ManagerClosed):
+            await m.wait_for(Phase.IDLE)
 
     run(main)
