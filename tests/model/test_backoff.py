@@ -376,3 +376,11 @@ def test_splitmix64_repr_shows_its_state() -> None:
     assert repr(generator) == "SplitMix64(state=0x0000000000000001)"
     generator.next_uint64()
     assert repr(generator) == "SplitMix64(state=0x9e3779b97f4a7c16)"
+
+
+def test_the_defaults_are_the_documented_production_values() -> None:
+    strategy = BackoffStrategy(seed=1)
+    assert strategy.base_delays_ms == (1000.0, 2000.0, 4000.0, 8000.0, 12000.0)
+    assert strategy.cap_delay_ms == 12000.0
+    assert strategy.jitter_ratio == 0.2
+    assert strategy.max_attempts == 8

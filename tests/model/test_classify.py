@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from dataclasses import FrozenInstanceError
+from typing import Any, NamedTuple, get_args
 
 import pytest
 from hypothesis import given
@@ -187,3 +188,22 @@ def test_kinds_serialise_as_lower_case_strings() -> None:
     ]
     assert all(kind.value == kind.value.lower() for kind in ErrorKind)
     assert str(ErrorKind.VERSION_MISMATCH) == "version_mismatch"
+
+
+def test_failures_and_classifications_are_frozen_values() -> None:
+    values: list[Any] = [
+        CloseFailure(1006),
+        HttpFailure(503),
+        ErrorFailure(ErrorKind.REFUSED),
+        Classification(FailureKind.NETWORK, retryable=True),
+    ]
+    for value in values:
+        fields = [getattr(value, name) for name in value.__dataclass_fields__]
+        assert hash(value) == hash(type(value)(*fields))
+        # A frozen slots dataclass raises FrozenInstanceError, or TypeError on Python 3.11.
+        with pytest.raises((FrozenInstanceError, TypeError)):
+            setattr(value, next(iter(value.__dataclass_fields__)), fields[0])
+
+
+def test_failure_names_every_kind_of_failure() -> None:
+    assert get_args(Failure) == (CloseFailure, HttpFailure, ErrorFailure)

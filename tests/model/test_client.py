@@ -1453,3 +1453,97 @@ def test_prepare_refuses_a_message_nested_too_deeply_to_encode() -> None:
         inner = inner["v"]
     with pytest.raises(ValueError, match="nested too deeply"):
         rt.core.prepare(message)
+
+
+# -- behaviour the mutation run showed untested ------------------------------------------------
+
+
+def test_the_client_config_defaults_are_the_documented_ones() -> None:
+    config = ClientConfig(base_url=BASE_URL, client_id=CLIENT_ID)
+    assert config.connection_timeout_ms == 10_000
+    assert config.enable_heartbeat is True
+    assert config.fallback_probe_interval_ms == 60_000
+    assert config.stable_after_ms == 5_000
+    assert config.send_queue_limit == 1000
+
+
+def test_a_fresh_core_reports_zero_everywhere() -> None:
+    stats = client().core.snapshot().stats
+    assert (stats.total_attempts, stats.successful_connections) == (0, 0)
+    assert (stats.messages_received, stats.messages_sent) == (0, 0)
+    assert (stats.heartbeats_received, stats.heartbeats_sent) == (0, 0)
+
+
+def test_max_message_bytes_of_one_is_valid_and_a_message_of_exactly_the_limit_fits() -> None:
+    assert ClientConfig(base_url=BASE_URL, client_id=CLIENT_ID, max_message_bytes=1)
+    text = '{"type":"chat","timestamp":"mine"}'
+    rt = client(max_message_bytes=len(text))
+    assert rt.core.prepare({"type": "chat", "timestamp": "mine"}) == text
+    with pytest.raises(ValueError, match="over max_message_bytes"):
+        client(max_message_bytes=len(text) - 1).core.prepare({"type": "chat", "timestamp": "mine"})
+
+
+def test_a_second_hello_on_an_open_connection_reaches_no_listener() -> None:
+    rt = open_client()
+    received = rt.receive(hello_text())
+    assert received.message is None
+    assert received.reply is None
+
+
+def test_a_first_frame_of_another_type_fails_naming_what_came_instead() -> None:
+    rt = client()
+    rt.connect()
+    rt.first_frame(json.dumps({"type": "chat", "text": "hi"}))
+    assert rt.core.last_failure == ErrorFailure(
+        ErrorKind.INVALID_HELLO, "expected a hello first, got type 'chat'"
+    )
+
+
+def test_the_first_attempt_is_recorded_as_attempt_one() -> None:
+    rt = client()
+    rt.connect()
+    current = rt.core.snapshot().current_attempt
+    assert current is not None
+    assert current.number == 1
+
+
+def test_a_cancelled_timer_is_no_longer_due() -> None:
+    rt = client()
+    rt.connect()
+    assert rt.core.timer_due(Timer.CONNECT) == CONNECT_MS / 1000.0
+    rt.hello()
+    assert rt.core.timer_due(Timer.CONNECT) is None
+
+
+def test_a_zero_stable_period_is_due_at_once() -> None:
+    rt = client(stable_after_ms=0)
+    rt.connect()
+    rt.clock.advance(0.25)
+    rt.hello()
+    assert rt.core.timer_due(Timer.STABLE) == 0.25
+
+
+def test_a_watchdog_rearm_is_never_shorter_than_one_millisecond() -> None:
+    rt = heartbeat_client()
+    rt.fire(Timer.HEARTBEAT)
+    token, due = rt.timers.pop(Timer.HEARTBEAT)
+    rt.clock.seconds = due - 0.00025  # a quarter of a millisecond early
+
+    effects = rt.apply(rt.core.timer_fired(Timer.HEARTBEAT, token))
+
+    assert plain(effects) == [StartTimer(Timer.HEARTBEAT, 1.0)]
+
+
+def test_disconnect_from_open_forgets_when_the_connection_started() -> None:
+    rt = open_client()
+    assert rt.core.snapshot().stats.connection_start is not None
+    rt.disconnect()
+    assert rt.core.snapshot().stats.connection_start is None
+
+
+def test_last_activity_is_the_wall_time_of_the_last_frame() -> None:
+    rt = open_client()
+    rt.clock.advance(2.0)
+    rt.receive(json.dumps({"type": "chat"}))
+    rt.clock.advance(3.0)
+    assert rt.core.snapshot().stats.last_activity == T0 + timedelta(seconds=2)

@@ -328,3 +328,13 @@ def test_every_effect_type_is_listed_and_documented_for_the_table() -> None:
     for effect_type in EFFECT_TYPES:
         assert effect_type.__doc__
         assert len(effect_type.__doc__.split()) >= 5
+
+
+def test_the_lifecycle_defaults_are_the_documented_ones() -> None:
+    machine = Lifecycle()
+    assert machine.phase is Phase.IDLE
+    assert machine.attempts == 0
+    assert machine.connection_timeout_ms == 10_000
+    assert machine.stable_after_ms == 5_000
+    assert machine.fallback_probe_interval_ms == 60_000
+    assert machine.heartbeat_interval_ms is None
