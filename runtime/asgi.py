@@ -20,8 +20,11 @@ Scopes:
   only turn the refusal into HTTP 403. The rate limit is the shared session's (close 4429).
 - ``http``: HTTP 426 ``Upgrade Required`` on the two WebSocket paths, HTTP 404 elsewhere (as
   SteadyServer answers).
-- ``lifespan``: startup completes at once and starts nothing; shutdown runs :meth:`close`, which
-  closes every connection with 1001 ``Server shutting down``.
+- ``lifespan``: startup applies the garbage-collector policy (``gc_policy``, see
+  :class:`~steadysocket.model.server_session.GcPolicy`; one ``call_later`` handle, no task) and
+  completes; shutdown runs :meth:`close`, which closes every connection with 1001 ``Server
+  shutting down`` and gives the collector back. Without lifespan events the collector is left
+  alone.
 
 Paths: the route is ``path`` with ``root_path`` removed, as Starlette's ``Mount`` sets them, so
 the app can be mounted under a prefix (``Mount("/realtime", app=steady)`` serves
@@ -302,6 +305,7 @@ class SteadyASGI(Endpoints):
         its hook or handler returns.
         """
         await self.close_clients()
+        self.stop_gc()
 
     # ---- scopes -----------------------------------------------------------------------------
 
@@ -310,6 +314,7 @@ class SteadyASGI(Endpoints):
             message = await receive()
             if message["type"] == "lifespan.startup":
                 self._stopping = False
+                self.start_gc()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await self.close()

@@ -48,7 +48,9 @@ a client that stopped reading is dropped (1006) and its memory freed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
+import gc
 import http
 import logging
 import os
@@ -86,6 +88,8 @@ from steadysocket.model.server_session import (
     Close,
     CloseRecord,
     Deliver,
+    GcPolicy,
+    GcStep,
     HttpRefusal,
     LegacyRoute,
     Outbox,
@@ -96,6 +100,7 @@ from steadysocket.model.server_session import (
     TokenBucket,
     admit,
     encode_server_message,
+    gc_step,
     legacy_reply,
     match_route,
 )
@@ -110,6 +115,7 @@ __all__ = [
     "MessageHandler",
     "PingAware",
     "SteadyServer",
+    "WritesNow",
     "echo_handler",
     "serve_until_signalled",
 ]
@@ -212,6 +218,30 @@ class PingAware(Protocol):
         ...
 
 
+@runtime_checkable
+class WritesNow(Protocol):
+    """A :class:`Link` that can write a frame synchronously when that cannot wait.
+
+    With it, a push or a ping to a connection whose outbox is empty and whose writer is idle is
+    written at once, in the caller's step, instead of waking the connection's writer task: the
+    common case costs no task switch and no timer. When the transport is above its write-buffer
+    limit the frame is queued in the outbox as before, and the writer sends it, bounded.
+    """
+
+    @property
+    def write_paused(self) -> bool:
+        """True while the transport's write buffer is above its limit (a write would wait)."""
+        ...
+
+    def write_now(self, text: str) -> bool:
+        """Write a text frame now if it can be done without waiting; False if it cannot."""
+        ...
+
+    async def drain(self) -> None:
+        """Wait until the transport's write buffer is below its limit, or the connection ends."""
+        ...
+
+
 class _TrackedConnection(ServerConnection):
     """A websockets connection that records its close frames and reports Pings (see ``Link``)."""
 
@@ -281,6 +311,67 @@ class _WebSocketsLink:
     def on_ping(self, listener: Callable[[], None]) -> None:
         self.ws.ping_listener = listener
 
+    @property
+    def write_paused(self) -> bool:
+        return self.ws.paused
+
+    def write_now(self, text: str) -> bool:
+        # What ws.send() does for one text frame when it would not wait (see send_context):
+        # the protocol frames (and compresses) it, send_data() hands it to the transport.
+        ws = self.ws
+        if (
+            ws.paused
+            or ws.send_in_progress is not None
+            or ws.protocol.state is not State.OPEN
+            or ws.transport.is_closing()
+        ):
+            return False
+        ws.protocol.send_text(text.encode())
+        ws.send_data()
+        return True
+
+    async def drain(self) -> None:
+        with contextlib.suppress(Exception):  # the connection was lost: the reader reports it
+            await self.ws.drain()
+
+
+# --------------------------------------------------------------------------------------------
+# The garbage collector (process-wide, shared by every running server)
+# --------------------------------------------------------------------------------------------
+
+
+class _Collector:
+    """Applies the :class:`GcPolicy` of the running servers to the process's collector.
+
+    The collector is one per process: the first server to start saves the thresholds, each
+    applies its generation-0 threshold (the largest wins), and the last one to stop restores them
+    and unfreezes the permanent generation, so nothing stays frozen once no server runs.
+    """
+
+    def __init__(self) -> None:
+        self._users: list[GcPolicy] = []
+        self._saved: tuple[int, int, int] | None = None
+
+    def acquire(self, policy: GcPolicy) -> None:
+        if not self._users:
+            self._saved = gc.get_threshold()
+        self._users.append(policy)
+        if policy.gen0_threshold is not None:
+            gen0, gen1, gen2 = gc.get_threshold()
+            gc.set_threshold(max(gen0, policy.gen0_threshold), gen1, gen2)
+
+    def release(self, policy: GcPolicy) -> None:
+        self._users.remove(policy)
+        if not self._users and self._saved is not None:
+            gc.set_threshold(*self._saved)
+            self._saved = None
+            gc.unfreeze()
+
+
+_COLLECTOR = _Collector()
+DEFAULT_GC_POLICY = GcPolicy()
+"""What a server does to the collector unless told otherwise (see :class:`GcPolicy`)."""
+
 
 # --------------------------------------------------------------------------------------------
 # One connection's runtime state
@@ -301,6 +392,7 @@ class _Conn:
         "client",
         "close_deadline",
         "closing",
+        "direct",
         "ended",
         "finished",
         "inbox",
@@ -312,8 +404,11 @@ class _Conn:
         "send_scope",
         "session",
         "space",
+        "stalled",
         "task_scope",
+        "timer",
         "wake",
+        "writing",
     )
 
     def __init__(self, link: Link, config: ServerConfig, session: ServerSession | None) -> None:
@@ -336,6 +431,14 @@ class _Conn:
         self.closing: Close | None = None
         self.close_deadline: float | None = None
         self.refusing = False
+        self.direct: WritesNow | None = link if isinstance(link, WritesNow) else None
+        """The link, when it can write a frame without the writer task."""
+        self.writing = False
+        """The writer is sending a frame (a direct write now would overtake it)."""
+        self.stalled = False
+        """A direct write left the transport above its limit: the writer waits for it, bounded."""
+        self.timer: asyncio.TimerHandle | None = None
+        """The session's next deadline (a ping, or the dead-client close): one handle, no task."""
         self.reader: asyncio.Task[None] | None = None
         self.send_scope: asyncio.Timeout | None = None
         self.body_scope: asyncio.Timeout | None = None
@@ -347,6 +450,9 @@ class _Conn:
         self.link.close_record.lost()  # a no-op when a close came first
         if self.session is not None:
             self.session.connection_lost()
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         self.outbox.seal()
         self.outbox.clear()
         self.ended.set()
@@ -496,6 +602,7 @@ class EndpointOptions(TypedDict, total=False):
     rate_limit_messages: int | None
     rate_limit_window_ms: int | None
     max_outbox_bytes: int | None
+    gc_policy: GcPolicy | None
     environ: Mapping[str, str] | None
     default_handler: MessageHandler
     request_id_factory: Callable[[], str]
@@ -550,6 +657,7 @@ class Endpoints:
         rate_limit_messages: int | None = None,
         rate_limit_window_ms: int | None = None,
         max_outbox_bytes: int | None = None,
+        gc_policy: GcPolicy | None = DEFAULT_GC_POLICY,
         environ: Mapping[str, str] | None = None,
         default_handler: MessageHandler = echo_handler,
         request_id_factory: Callable[[], str] = _new_request_id,
@@ -589,6 +697,11 @@ class Endpoints:
         self._clients: dict[str, set[Client]] = {}
         self._conns: set[_Conn] = set()
         self._stopping = False
+        self.gc_policy = gc_policy
+        """How this server manages the collector while it runs; None: it leaves it alone."""
+        self._gc_timer: asyncio.TimerHandle | None = None
+        self._gc_acquired = False
+        self._closed_since_unfreeze = 0
         self.refused_pushes = 0
         """Pushes refused because the connection's outbox was full (``max_outbox_bytes``)."""
 
@@ -677,6 +790,52 @@ class Endpoints:
     def _push_all(self, clients: Iterable[Client], text: str) -> int:
         return sum(self._push(client._conn, text) for client in clients)
 
+    # ---- the garbage collector -----------------------------------------------------------
+
+    def start_gc(self) -> None:
+        """Apply :attr:`gc_policy` (a transport adapter calls it when it starts serving).
+
+        Idempotent; :meth:`stop_gc` undoes it. The freezes run from one ``call_later`` handle,
+        not a task.
+        """
+        policy = self.gc_policy
+        if policy is None or self._gc_acquired:
+            return
+        self._gc_acquired = True
+        _COLLECTOR.acquire(policy)
+        self._closed_since_unfreeze = 0
+        interval = policy.freeze_interval
+        if interval is not None:
+            self._gc_timer = asyncio.get_running_loop().call_later(interval, self._gc_tick)
+
+    def stop_gc(self) -> None:
+        """Stop managing the collector; the last server to stop restores it. Idempotent."""
+        if self._gc_timer is not None:
+            self._gc_timer.cancel()
+            self._gc_timer = None
+        if self._gc_acquired:
+            self._gc_acquired = False
+            assert self.gc_policy is not None
+            _COLLECTOR.release(self.gc_policy)
+
+    def _gc_tick(self) -> None:
+        policy = self.gc_policy
+        assert policy is not None
+        step = gc_step(
+            policy,
+            open_connections=len(self._conns),
+            closed_since_unfreeze=self._closed_since_unfreeze,
+        )
+        if step is GcStep.UNFREEZE:
+            logger.debug("gc: unfreezing after %d connections closed", self._closed_since_unfreeze)
+            gc.unfreeze()
+            self._closed_since_unfreeze = 0
+        else:
+            gc.freeze()
+        interval = policy.freeze_interval
+        assert interval is not None
+        self._gc_timer = asyncio.get_running_loop().call_later(interval, self._gc_tick)
+
     # ---- shutdown -----------------------------------------------------------------------
 
     async def close_clients(self) -> None:
@@ -733,6 +892,14 @@ class Endpoints:
     def _push(self, conn: _Conn, text: str) -> bool:
         if conn.closing is not None or conn.ended.is_set():
             return False
+        direct = conn.direct
+        if direct is not None and not conn.writing and not conn.outbox and direct.write_now(text):
+            # Written in this step; nothing was waiting, so the order is kept.
+            conn.refusing = False
+            if direct.write_paused:  # over the transport's limit: the writer waits, bounded
+                conn.stalled = True
+                conn.wake.set()
+            return True
         if conn.outbox.offer(text):
             conn.refusing = False
             conn.wake.set()
@@ -747,6 +914,31 @@ class Endpoints:
                 conn.outbox.queued_bytes,
             )
         return False
+
+    def _arm_timer(self, conn: _Conn) -> None:
+        """Schedule the session's next deadline: one ``call_at`` handle, no task."""
+        session = conn.session
+        deadline = None if session is None or conn.ended.is_set() else session.next_deadline()
+        if deadline is None:
+            conn.timer = None
+            return
+        conn.timer = asyncio.get_running_loop().call_at(deadline, self._on_timer, conn)
+
+    def _on_timer(self, conn: _Conn) -> None:
+        """The session's deadline: the ping (written at once when it can be) or the 1011."""
+        conn.timer = None
+        session = conn.session
+        if session is None or conn.ended.is_set():
+            return
+        try:
+            now = asyncio.get_running_loop().time()
+            self._carry_out(conn, session.handle_timer(now=now, wall=self._wall_clock()))
+        except Exception:
+            # A bug (or a failing wall clock): never let the connection live without a heartbeat.
+            logger.exception("heartbeat of %s failed; aborting it", conn.link.remote_address)
+            self._abort(conn)
+            return
+        self._arm_timer(conn)
 
     def _carry_out(self, conn: _Conn, actions: list[Action]) -> None:
         """Carry out a session's SendText and Close actions (Deliver is the reader's)."""
@@ -830,6 +1022,7 @@ class Endpoints:
         finally:
             conn.task_scope = None
             self._conns.discard(conn)
+            self._closed_since_unfreeze += 1
             conn.finished.set()
             _CURRENT.reset(token)
 
@@ -878,6 +1071,7 @@ class Endpoints:
             return
         client = conn.client = Client(self, conn, session)
         self._clients.setdefault(session.client_id, set()).add(client)
+        self._arm_timer(conn)
         logger.info(
             "client %s connected from %s (role %s)",
             client.client_id,
@@ -983,15 +1177,10 @@ class Endpoints:
             conn.mark_ended()
 
     async def _write_loop(self, conn: _Conn) -> None:
-        """Send the outbox in order, the pings when due, then the close frame; all bounded."""
-        loop = asyncio.get_running_loop()
-        session, outbox = conn.session, conn.outbox
+        """Send the outbox in order, then the close frame; all bounded. (Pings come from the
+        session's timer, :meth:`_on_timer`, through the outbox or a direct write.)"""
+        outbox = conn.outbox
         while not conn.ended.is_set():
-            deadline = session.next_deadline() if session is not None else None
-            if session is not None and deadline is not None and loop.time() >= deadline:
-                due = session.handle_timer(now=loop.time(), wall=self._wall_clock())
-                self._carry_out(conn, due)
-                continue
             text = outbox.take()
             if text is not None:
                 if not await self._send_bounded(conn, text):
@@ -1000,22 +1189,30 @@ class Endpoints:
             if conn.closing is not None:
                 await self._close_bounded(conn, conn.closing)
                 return
+            if conn.stalled:
+                conn.stalled = False
+                if not await self._send_bounded(conn, None):
+                    return
+                continue
             conn.wake.clear()
-            try:
-                async with asyncio.timeout_at(deadline):
-                    await conn.wake.wait()
-            except TimeoutError:
-                pass
+            await conn.wake.wait()
 
-    async def _send_bounded(self, conn: _Conn, text: str) -> bool:
+    async def _send_bounded(self, conn: _Conn, text: str | None) -> bool:
+        """Send ``text`` (None: wait for a direct write's buffer to drain) within the connection
+        timeout (and the close deadline); past it the connection is aborted."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.connection_timeout
         if conn.close_deadline is not None:
             deadline = min(deadline, conn.close_deadline)
         scope = asyncio.timeout_at(deadline)
+        conn.writing = True
         try:
             async with scope:
                 conn.send_scope = scope
+                if text is None:
+                    assert conn.direct is not None
+                    await conn.direct.drain()
+                    return True
                 return await conn.link.send(text)
         except TimeoutError:
             if not scope.expired():
@@ -1029,6 +1226,7 @@ class Endpoints:
             return False
         finally:
             conn.send_scope = None
+            conn.writing = False
 
     async def _close_bounded(self, conn: _Conn, close: Close) -> None:
         deadline = conn.close_deadline
@@ -1150,6 +1348,7 @@ class SteadyServer(Endpoints):
             ssl=self._ssl,
         )
         self._port = self._ws_server.sockets[0].getsockname()[1]
+        self.start_gc()
         logger.info("listening on %s", self.url)
 
     async def close(self) -> None:
@@ -1177,6 +1376,7 @@ class SteadyServer(Endpoints):
                 if connection.protocol.state is State.CONNECTING:
                     connection.transport.abort()
         await self.close_clients()
+        self.stop_gc()  # every connection has ended: the collector is the process's again
         if _CURRENT.get() is not None:
             return  # a hook or handler of ours: its own connection is still running
         server.close(close_connections=False)

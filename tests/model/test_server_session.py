@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from steadysocket.model.protocol import FEATURES, CloseCode
+from steadysocket.model.protocol import FEATURES, CloseCode, make_ping
 from steadysocket.model.server_session import (
     DEFAULT_CONNECTION_TIMEOUT_MS,
     DEFAULT_HEARTBEAT_INTERVAL_MS,
@@ -28,6 +28,8 @@ from steadysocket.model.server_session import (
     CloseRecord,
     ConfigError,
     Deliver,
+    GcPolicy,
+    GcStep,
     LegacyRoute,
     Outbox,
     SendText,
@@ -35,6 +37,7 @@ from steadysocket.model.server_session import (
     ServerSession,
     SessionState,
     encode_server_message,
+    gc_step,
     is_sendable_close_code,
     legacy_echo,
     legacy_reply,
@@ -655,3 +658,57 @@ def test_a_held_session_is_not_closed_for_silence_and_release_counts_as_activity
     assert json.loads(only_text(session.handle_timer(now=6.0, wall=at(6))))["type"] == "ping"
     assert session.next_deadline() == 7.0
     assert session.handle_timer(now=9.0, wall=at(9)) == [HEARTBEAT_TIMEOUT]
+
+
+# ---- the ping text, built without the message dataclass --------------------------------------
+
+
+@given(
+    client_id=st.from_regex(r"[A-Za-z0-9_-]{1,64}", fullmatch=True),
+    beats=st.integers(min_value=1, max_value=5),
+    micros=st.integers(min_value=0, max_value=10**6 - 1),
+)
+def test_the_ping_text_is_byte_for_byte_what_make_ping_serializes(
+    client_id: str, beats: int, micros: int
+) -> None:
+    session = opened(query=f"client_id={client_id}")
+    for n in range(beats):
+        wall = at(n + 1) + timedelta(microseconds=micros)
+        text = only_text(session.handle_timer(now=float(n + 1), wall=wall))
+        expected = make_ping(wall, heartbeat_count=n, client_id=client_id).serialize()
+        assert text == expected
+        session.receive_text('{"type":"pong"}', now=n + 1.5, wall=wall)  # alive
+
+
+# ---- the garbage-collector policy ------------------------------------------------------------
+
+
+def test_the_gc_policy_defaults_freeze_every_second_and_raise_generation_0() -> None:
+    policy = GcPolicy()
+    assert policy.freeze_interval == 1.0
+    assert policy.gen0_threshold == 20_000
+    assert GcPolicy(freeze_interval_ms=None).freeze_interval is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "variable"),
+    [
+        ({"freeze_interval_ms": 0}, "gc_freeze_interval_ms"),
+        ({"gen0_threshold": -1}, "gc_gen0_threshold"),
+        ({"unfreeze_min_closed": 0}, "gc_unfreeze_min_closed"),
+    ],
+)
+def test_a_malformed_gc_policy_names_the_setting(kwargs: dict[str, Any], variable: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        GcPolicy(**kwargs)
+    assert caught.value.variable == variable
+
+
+def test_the_gc_step_freezes_until_a_connection_sets_worth_has_closed() -> None:
+    policy = GcPolicy(unfreeze_min_closed=100)
+    assert gc_step(policy, open_connections=5000, closed_since_unfreeze=0) is GcStep.FREEZE
+    assert gc_step(policy, open_connections=5000, closed_since_unfreeze=4999) is GcStep.FREEZE
+    assert gc_step(policy, open_connections=5000, closed_since_unfreeze=5000) is GcStep.UNFREEZE
+    # With few connections open, the minimum keeps it from unfreezing (and collecting) often.
+    assert gc_step(policy, open_connections=3, closed_since_unfreeze=99) is GcStep.FREEZE
+    assert gc_step(policy, open_connections=3, closed_since_unfreeze=100) is GcStep.UNFREEZE

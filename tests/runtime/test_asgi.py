@@ -11,6 +11,7 @@ bounded by a multiple of ``MS``; no test asserts how long something took.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import socket
@@ -30,6 +31,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.frames import Close
 
 from steadysocket.model.protocol import FEATURES, parse_timestamp
+from steadysocket.model.server_session import GcPolicy
 from steadysocket.runtime.asgi import Message, SteadyASGI
 from steadysocket.runtime.server import Client
 
@@ -552,6 +554,28 @@ def test_lifespan_shutdown_closes_open_connections_with_1001_and_later_upgrades_
         {"type": "websocket.accept"},
         {"type": "websocket.close", "code": 1001, "reason": "Server shutting down"},
     ]
+
+
+def test_the_lifespan_applies_the_gc_policy_and_shutdown_gives_the_collector_back() -> None:
+    async def body() -> tuple[int, tuple[int, int, int]]:
+        app = steady(gc_policy=GcPolicy(gen0_threshold=23_456))
+        life_in: asyncio.Queue[Message] = asyncio.Queue()
+        life_out: asyncio.Queue[Message] = asyncio.Queue()
+        async with asyncio.TaskGroup() as group:
+            group.create_task(app({"type": "lifespan"}, life_in.get, life_out.put))
+            life_in.put_nowait({"type": "lifespan.startup"})
+            async with asyncio.timeout(TIMEOUT):
+                await life_out.get()
+            during = gc.get_threshold()[0]
+            life_in.put_nowait({"type": "lifespan.shutdown"})
+            async with asyncio.timeout(TIMEOUT):
+                await life_out.get()
+        return during, gc.get_threshold()
+
+    original = gc.get_threshold()
+    during, after = run(body())
+    assert during == 23_456
+    assert after == original
 
 
 # ---- mounted in Starlette ------------------------------------------------------------------------

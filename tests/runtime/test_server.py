@@ -7,6 +7,7 @@ a multiple of ``MS``; no test asserts how long something took.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import uuid
@@ -25,7 +26,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.frames import Close
 
 from steadysocket.model.protocol import FEATURES, decode_text, parse_timestamp
-from steadysocket.model.server_session import CloseRecord, ConfigError, ServerConfig
+from steadysocket.model.server_session import CloseRecord, ConfigError, GcPolicy, ServerConfig
 from steadysocket.runtime.server import Client, Endpoints, SteadyServer
 
 MS = 0.001
@@ -239,6 +240,92 @@ def test_the_server_pings_every_interval_counting_from_zero() -> None:
     assert all(set(p) == {"type", "timestamp", "heartbeat_count", "client_id"} for p in pings)
     stamps = [parse_timestamp(p["timestamp"]) for p in pings]
     assert stamps == sorted(stamps)
+
+
+def test_the_heartbeat_starts_no_task_one_timer_handle_per_connection_sends_the_pings() -> None:
+    """Ten connections pinged every 20 ms: the tasks are the same with the heartbeat on as with
+    it off (websockets' handler, the reader and the writer per connection), and each
+    connection's next ping is one ``asyncio.TimerHandle``."""
+
+    async def tasks_with(heartbeat_interval_ms: int) -> tuple[int, int, list[object]]:
+        before = len(asyncio.all_tasks())
+        async with running(
+            heartbeat_interval_ms=heartbeat_interval_ms, connection_timeout_ms=5000
+        ) as server:
+            sockets = [await dial(server, f"client_id=t{n}") for n in range(10)]
+            for ws in sockets:
+                await hello_of(ws)
+            pings = 0
+            if heartbeat_interval_ms < 1000:
+                for ws in sockets:
+                    for _ in range(3):
+                        assert (await recv_json(ws))["type"] == "ping"
+                        await ws.send('{"type":"pong"}')
+                        pings += 1
+            tasks = len(asyncio.all_tasks()) - before
+            timers: list[object] = [conn.timer for conn in server._conns]
+            for ws in sockets:
+                await ws.close()
+        return tasks, pings, timers
+
+    async def body() -> tuple[tuple[int, int, list[object]], tuple[int, int, list[object]]]:
+        return await tasks_with(20), await tasks_with(600_000)
+
+    (beating, pings, timers), (quiet, _, _) = run(body())
+    assert pings == 30
+    assert beating == quiet
+    assert len(timers) == 10
+    assert all(isinstance(timer, asyncio.TimerHandle) for timer in timers)
+
+
+def test_the_server_manages_the_collector_while_it_runs_and_gives_it_back() -> None:
+    """Generation 0's threshold is raised while the server runs and restored when it closes;
+    the periodic freeze moves what the connections keep alive to the permanent generation; the
+    last server to close unfreezes it. ``gc_policy=None`` leaves the collector alone."""
+    policy = GcPolicy(freeze_interval_ms=20, gen0_threshold=12_345)
+
+    async def body() -> tuple[int, int, int, tuple[int, ...], tuple[int, ...]]:
+        gc.unfreeze()
+        async with running(gc_policy=policy) as server:
+            running_threshold = gc.get_threshold()[0]
+            async with dial(server, "client_id=frozen") as ws:
+                await hello_of(ws)
+                await asyncio.sleep(100 * MS)
+                frozen = gc.get_freeze_count()
+        after = gc.get_freeze_count()
+        async with running(gc_policy=None):
+            untouched = gc.get_threshold()
+        return running_threshold, frozen, after, untouched, gc.get_threshold()
+
+    original = gc.get_threshold()
+    threshold, frozen, after, untouched, restored = run(body())
+    assert threshold == 12_345
+    assert frozen > 0
+    assert after == 0
+    assert untouched == original
+    assert restored == original
+
+
+def test_the_collector_is_unfrozen_once_a_connection_sets_worth_has_closed() -> None:
+    policy = GcPolicy(freeze_interval_ms=20, unfreeze_min_closed=3)
+
+    async def body() -> tuple[int, int]:
+        async with running(gc_policy=policy) as server, dial(server, "client_id=stay") as stay:
+            await hello_of(stay)
+            await asyncio.sleep(60 * MS)
+            frozen = gc.get_freeze_count()
+            for n in range(3):
+                async with dial(server, f"client_id=churn{n}") as ws:
+                    await hello_of(ws)
+            for _ in range(100):  # until the closes are counted and a tick unfreezes
+                if server._closed_since_unfreeze == 0:
+                    break
+                await asyncio.sleep(10 * MS)
+            return frozen, server._closed_since_unfreeze
+
+    frozen, closed = run(body())
+    assert frozen > 0
+    assert closed == 0
 
 
 def test_status_counts_the_pings_sent_and_names_the_last_one() -> None:
