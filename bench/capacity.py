@@ -83,10 +83,10 @@ def _parse(ts: str) -> float:
 # -- the servers ----------------------------------------------------------------------------
 
 
-async def _raw_handler(ws: ServerConnection, live: set[ServerConnection]) -> None:
+async def _raw_handler(ws: ServerConnection, live: set[ServerConnection], interval_ms: int) -> None:
     assert ws.request is not None
     loop = asyncio.get_running_loop()
-    interval = INTERVAL_MS / 1000.0
+    interval = interval_ms / 1000.0
     client_id = parse_qs(urlsplit(ws.request.path).query).get("client_id", [""])[0]
     now, wall = loop.time(), datetime.now(UTC)
     live.add(ws)
@@ -100,7 +100,7 @@ async def _raw_handler(ws: ServerConnection, live: set[ServerConnection]) -> Non
                     "features": list(FEATURES),
                     "request_id": str(uuid.uuid4()),
                     "client_id": client_id,
-                    "heartbeat_interval_ms": INTERVAL_MS,
+                    "heartbeat_interval_ms": interval_ms,
                 }
             )
         )
@@ -133,7 +133,11 @@ async def _raw_handler(ws: ServerConnection, live: set[ServerConnection]) -> Non
 
 
 def _server_main(
-    conn: multiprocessing.connection.Connection, kind: str, freeze: bool, deflate: bool
+    conn: multiprocessing.connection.Connection,
+    kind: str,
+    freeze: bool,
+    deflate: bool,
+    interval_ms: int,
 ) -> None:
     async def main() -> None:
         watch = GcWatch()
@@ -143,7 +147,7 @@ def _server_main(
             steady = SteadyServer(
                 "127.0.0.1",
                 0,
-                heartbeat_interval_ms=INTERVAL_MS,
+                heartbeat_interval_ms=interval_ms,
                 connection_timeout_ms=CONNECTION_TIMEOUT_MS,
                 environ={},
                 compression="deflate" if deflate else None,
@@ -153,7 +157,7 @@ def _server_main(
             server = None
         else:
             server = await serve(
-                lambda ws: _raw_handler(ws, live),
+                lambda ws: _raw_handler(ws, live, interval_ms),
                 "127.0.0.1",
                 0,
                 ping_interval=None,
@@ -326,6 +330,7 @@ class Hold:
 
     kind: str
     n: int
+    interval_ms: int = INTERVAL_MS
     connected: int = 0
     connect_s: float = 0.0
     rss_per_conn: float = float("nan")
@@ -363,11 +368,14 @@ def hold(
     freeze: bool = False,
     deflate: bool = True,
     profile_s: float = 0,
+    interval_ms: int = INTERVAL_MS,
 ) -> Hold:
     """Hold ``n`` connections on one server and measure ``windows`` windows."""
     label = kind + ("" if deflate else ", no deflate") + (" + gc.freeze()" if freeze else "")
-    result = Hold(label, n)
-    server = Child(_server_main, kind, freeze, deflate, cpu=SERVER_CPU, name=f"{kind}-server")
+    result = Hold(label, n, interval_ms)
+    server = Child(
+        _server_main, kind, freeze, deflate, interval_ms, cpu=SERVER_CPU, name=f"{kind}-server"
+    )
     client: Child | None = None
     try:
         port = server.receive(30)
@@ -398,7 +406,7 @@ def hold(
             result.arrival_p99.append(percentile(arrival, 99))
             result.pings.append(len(late))
             result.cpu_per_ping_us.append((cpu1 - cpu0) / max(len(late), 1) * 1e6)
-            result.expected.append(result.connected * window_s * 1000 / INTERVAL_MS)
+            result.expected.append(result.connected * window_s * 1000 / interval_ms)
             result.closed = samples["closed"]
         gc_summary = server.call(("gc",), 60)
         result.gc_full = len(gc_summary["full_pauses"])
@@ -420,15 +428,15 @@ def hold(
 
 def _table(holds: list[Hold]) -> str:
     out = [
-        "| server | N | held | connect s | RSS/conn | CPU % | CPU µs/ping | server late p50 / p99 "
-        "/ max ms | arrival late p50 / p99 ms | pings seen / due | GC share, full GCs (longest "
-        "ms) | others' load (cores) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| server | N | interval ms | held | connect s | RSS/conn | CPU % | CPU µs/ping "
+        "| server late p50 / p99 / max ms | arrival late p50 / p99 ms | pings seen / due "
+        "| GC share, full GCs (longest ms) | others' load (cores) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for h in holds:
         held = f"{h.connected:,}" + (f" ⚠ {h.error}" if h.error else "")
         out.append(
-            f"| {h.kind} | {h.n:,} | {held} | {h.connect_s:.1f} "
+            f"| {h.kind} | {h.n:,} | {h.interval_ms:,} | {held} | {h.connect_s:.1f} "
             f"| {fmt(h.rss_per_conn / 1024, 1, 'KiB')} | {fmt(median(h.cpu))} "
             f"| {fmt(median(h.cpu_per_ping_us))} | {fmt(median(h.server_p50), 1)} / "
             f"{fmt(median(h.server_p99), 1)} / {fmt(median(h.server_max))} "
@@ -440,9 +448,14 @@ def _table(holds: list[Hold]) -> str:
     return "\n".join(out)
 
 
+LONG_INTERVAL_MS = 2000
+"""The heartbeat of the 10,000-connection goal (issue 13: 10,000 held at 2000 ms on one core)."""
+
+
 def run(sizes: Sizes) -> Section:
     """Run benchmark 2 and report it."""
-    ns: list[int] = sizes.pick([1_000, 5_000, 10_000], [200])
+    ns: list[int] = sizes.pick([1_000, 5_000], [200])
+    long_n: int = sizes.pick(10_000, 400)
     profile_n: int = sizes.pick(5_000, 200)
     windows: int = sizes.pick(3, 2)
     window_s: float = sizes.pick(5.0, 2.0)
@@ -451,21 +464,36 @@ def run(sizes: Sizes) -> Section:
     section = Section(
         "capacity",
         "2. Server capacity",
-        f"N connections held, heartbeat every {INTERVAL_MS} ms, each ping answered with a pong. "
+        f"N connections held, heartbeat every {INTERVAL_MS} ms (and {long_n:,} at "
+        f"{LONG_INTERVAL_MS} ms), each ping answered with a pong. "
         f"{windows} windows of {window_s:g} s per server and N; each figure is the median of the "
         "windows' figures. Server and load generator in separate processes, pinned to separate "
         f"cores; the server is one asyncio process on one core. Connections are opened 64 at a "
-        f"time, for at most {connect_s:g} s. Goals apply at N = {goal_n:,}. Lateness is "
-        "ms-precise (the wire's timestamps). CPU µs/ping is the server's CPU time per ping sent "
-        "(the ping, its pong, the timers): it does not depend on how busy the machine is, so "
-        "it gives the ceiling 1 s / (µs per ping) connections per core at this heartbeat.",
+        f"time, for at most {connect_s:g} s. Lateness goals apply at N = {goal_n:,} "
+        f"({INTERVAL_MS} ms) and N = {long_n:,} ({LONG_INTERVAL_MS} ms). Lateness is ms-precise "
+        "(the wire's timestamps). CPU µs/ping is the server's CPU time per ping sent (the ping, "
+        "its pong, the timers): it does not depend on how busy the machine is, so it gives the "
+        "ceiling 1 s / (µs per ping) connections per core at this heartbeat. steadysocket runs "
+        "with its defaults, so it manages the collector itself (`GcPolicy`: gc.freeze() every "
+        "second, generation-0 threshold 20,000); the raw server leaves the collector alone, "
+        "except in the rows marked gc.freeze(), where the application freezes every second.",
     )
     started = time.monotonic()
     pairs: list[tuple[Hold, Hold]] = []
-    for n in ns:
-        profile_s = 3.0 if n == profile_n else 0.0
-        raw = hold("raw", n, windows, window_s, connect_s=connect_s, profile_s=profile_s)
-        steady = hold("steady", n, windows, window_s, connect_s=connect_s, profile_s=profile_s)
+    for n, interval_ms in [*((n, INTERVAL_MS) for n in ns), (long_n, LONG_INTERVAL_MS)]:
+        profile_s = 3.0 if n == profile_n and interval_ms == INTERVAL_MS else 0.0
+        raw, steady = (
+            hold(
+                kind,
+                n,
+                windows,
+                window_s,
+                connect_s=connect_s,
+                profile_s=profile_s,
+                interval_ms=interval_ms,
+            )
+            for kind in ("raw", "steady")
+        )
         pairs.append((steady, raw))
     freeze_n = profile_n
     frozen = hold("steady", freeze_n, windows, window_s, connect_s=connect_s, freeze=True)
@@ -482,55 +510,59 @@ def run(sizes: Sizes) -> Section:
 
     for steady, raw in pairs:
         n = steady.n
-        goal = n == goal_n
+        every = f"every {steady.interval_ms} ms"
+        late_goal = n == goal_n or steady.interval_ms == LONG_INTERVAL_MS
+        held_goal = steady.interval_ms == LONG_INTERVAL_MS
+        rss_goal = n == goal_n
         rss_ratio = ratio(steady.rss_per_conn, raw.rss_per_conn)
         p99 = median(steady.server_p99)
         held = steady.ok() and sum(steady.pings) >= 0.99 * sum(steady.expected)
         section.rows += [
             Row(
-                f"N = {n:,}: connections held, every ping sent",
+                f"N = {n:,}, {every}: connections held, every ping sent",
                 f"{steady.connected:,} held, {sum(steady.pings):,} of "
                 f"{sum(steady.expected):,.0f} pings; CPU {fmt(median(steady.cpu))} %",
                 f"{raw.connected:,} held, {sum(raw.pings):,} of {sum(raw.expected):,.0f} "
                 f"pings; CPU {fmt(median(raw.cpu))} %",
                 None,
-                f"{n:,} held on one core" if goal else "",
-                held if goal else None,
+                f"{n:,} held on one core" if held_goal else "",
+                held if held_goal else None,
             ),
             Row(
-                f"N = {n:,}: ping lateness p99 (p50), server clock",
+                f"N = {n:,}, {every}: ping lateness p99 (p50), server clock",
                 f"{fmt(p99, 1)} ms ({fmt(median(steady.server_p50), 1)})",
                 f"{fmt(median(raw.server_p99), 1)} ms ({fmt(median(raw.server_p50), 1)})",
                 ratio(p99, median(raw.server_p99)),
-                "< 100 ms" if goal else "",
-                (p99 < 100) if goal else None,
+                "< 100 ms" if late_goal else "",
+                (p99 < 100) if late_goal else None,
             ),
             Row(
-                f"N = {n:,}: RSS per connection",
+                f"N = {n:,}, {every}: RSS per connection",
                 fmt(steady.rss_per_conn / 1024, 1, "KiB"),
                 fmt(raw.rss_per_conn / 1024, 1, "KiB"),
                 rss_ratio,
-                "≤ 1.2x raw" if goal else "",
-                (rss_ratio is not None and rss_ratio <= 1.2) if goal else None,
+                "≤ 1.1x raw" if rss_goal else "",
+                (rss_ratio is not None and rss_ratio <= 1.1) if rss_goal else None,
             ),
             Row(
-                f"N = {n:,}: server CPU per ping",
+                f"N = {n:,}, {every}: server CPU per ping",
                 f"{fmt(median(steady.cpu_per_ping_us))} µs",
                 f"{fmt(median(raw.cpu_per_ping_us))} µs",
                 ratio(median(steady.cpu_per_ping_us), median(raw.cpu_per_ping_us)),
             ),
         ]
-    ceiling = next(p for p in pairs if p[0].n == profile_n)
+    ceiling = next(p for p in pairs if p[0].n == profile_n and p[0].interval_ms == INTERVAL_MS)
     per_ping, per_ping_raw = (median(h.cpu_per_ping_us) for h in ceiling)
+    ceiling_ratio = ratio(per_ping_raw, per_ping)
     section.rows.append(
         Row(
             f"ceiling: connections one core can ping every {INTERVAL_MS} ms "
             f"(from CPU µs/ping at N = {profile_n:,})",
             fmt(1e6 / per_ping),
             fmt(1e6 / per_ping_raw),
-            ratio(per_ping_raw, per_ping),
-            f"≥ {goal_n:,}",
-            1e6 / per_ping >= goal_n,
+            ceiling_ratio,
+            "≥ 1.0x raw",
+            ceiling_ratio is not None and ceiling_ratio >= 1.0,
         )
     )
     p99f = median(frozen.server_p99)

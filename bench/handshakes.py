@@ -223,8 +223,8 @@ def run(sizes: Sizes) -> Section:
             f"{fmt(value)} /s (runs {spread(rates['steady'])})",
             f"{fmt(base)} /s (runs {spread(rates['raw'])})",
             r,
-            "≥ 0.8x raw",
-            r is not None and r >= 0.8,
+            "≥ 0.9x raw",
+            r is not None and r >= 0.9,
         ),
         Row(
             "server CPU per handshake",
