@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -41,7 +42,7 @@ def _cmd_diagrams(args: argparse.Namespace) -> int:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     # Imported here so that `diagrams` never pays for (or depends on) the server stack.
-    from steadysocket.model.server_session import ConfigError, ServerConfig
+    from steadysocket.model.server_session import ConfigError, GcPolicy, ServerConfig
     from steadysocket.runtime import server
 
     # One INFO line per connection opened and closed, even at the default WARNING level.
@@ -58,7 +59,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             max_connections=args.max_connections,
             rate_limit_messages=args.rate_limit,
             rate_limit_window_ms=args.rate_limit_window_ms,
+            max_outbox_bytes=args.max_outbox_bytes,
         )
+        gc_policy = None if args.no_gc else GcPolicy()
+        if gc_policy is not None and args.gc_freeze_interval_ms is not None:
+            gc_policy = replace(gc_policy, freeze_interval_ms=args.gc_freeze_interval_ms or None)
+        if gc_policy is not None and args.gc_gen0_threshold is not None:
+            gc_policy = replace(gc_policy, gen0_threshold=args.gc_gen0_threshold or None)
     except ConfigError as exc:
         sys.stderr.write(f"steadysocket: {exc}\n")
         return 2
@@ -76,7 +83,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         sys.stderr.write("steadysocket: --keyfile needs --certfile\n")
         return 2
     try:
-        asyncio.run(server.serve_until_signalled(args.host, args.port, config, ssl=context))
+        asyncio.run(
+            server.serve_until_signalled(
+                args.host, args.port, config, ssl=context, gc_policy=gc_policy
+            )
+        )
     except OSError as exc:
         sys.stderr.write(f"steadysocket: cannot serve on {args.host}:{args.port}: {exc.strerror}\n")
         return 1
@@ -182,6 +193,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--rate-limit-window-ms", type=int, metavar="MS", help="the rate limit's window, 1000"
+    )
+    p.add_argument(
+        "--max-outbox-bytes",
+        type=int,
+        metavar="N",
+        help="bytes of pushes that may wait per connection (default 4194304); more are refused",
+    )
+    p.add_argument(
+        "--gc-freeze-interval-ms",
+        type=int,
+        metavar="MS",
+        help="gc.freeze() this often while serving, 0 never (default 1000)",
+    )
+    p.add_argument(
+        "--gc-gen0-threshold",
+        type=int,
+        metavar="N",
+        help="the collector's generation-0 threshold while serving, 0 leaves it (default 20000)",
+    )
+    p.add_argument(
+        "--no-gc", action="store_true", help="leave the garbage collector alone (no gc options)"
     )
     p.add_argument("--certfile", metavar="PEM", help="serve wss:// with this certificate chain")
     p.add_argument("--keyfile", metavar="PEM", help="its private key (if not in --certfile)")

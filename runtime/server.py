@@ -1475,6 +1475,7 @@ async def serve_until_signalled(
     *,
     signals: Iterable[signal.Signals] = (signal.SIGTERM, signal.SIGINT),
     ssl: SSLContext | None = None,
+    gc_policy: GcPolicy | None = DEFAULT_GC_POLICY,
 ) -> None:
     """Serve until one of ``signals`` arrives, then shut down gracefully (1001 to every client).
 
@@ -1496,7 +1497,7 @@ async def serve_until_signalled(
     for sig in installed:
         loop.add_signal_handler(sig, on_signal, sig)
     try:
-        async with SteadyServer(host, port, config=config, ssl=ssl):
+        async with SteadyServer(host, port, config=config, ssl=ssl, gc_policy=gc_policy):
             await stop.wait()
             logger.info("%s received, shutting down", received[0].name)
     finally:

@@ -204,6 +204,62 @@ def test_serve_options_default_to_none_so_the_environment_can_fill_them() -> Non
     assert (explicit.heartbeat_interval_ms, explicit.max_message_bytes) == (5, 9)
 
 
+def test_serve_takes_the_outbox_bound_and_the_collector_policy() -> None:
+    args = build_parser().parse_args(["serve"])
+    assert args.max_outbox_bytes is None
+    assert (args.gc_freeze_interval_ms, args.gc_gen0_threshold, args.no_gc) == (None, None, False)
+    explicit = build_parser().parse_args(
+        [
+            "serve",
+            "--max-outbox-bytes",
+            "65536",
+            "--gc-freeze-interval-ms",
+            "0",
+            "--gc-gen0-threshold",
+            "5000",
+            "--no-gc",
+        ]
+    )
+    assert explicit.max_outbox_bytes == 65536
+    assert (explicit.gc_freeze_interval_ms, explicit.gc_gen0_threshold) == (0, 5000)
+    assert explicit.no_gc
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--max-outbox-bytes", "0", "max_outbox_bytes must be a positive integer, got 0"),
+        ("--gc-gen0-threshold", "-5", "gc_gen0_threshold must be a positive integer, got -5"),
+        (
+            "--gc-freeze-interval-ms",
+            "-1",
+            "gc_freeze_interval_ms must be a positive integer no larger than 2147483647, got -1",
+        ),
+    ],
+)
+def test_serve_with_a_malformed_outbox_or_gc_option_names_it_and_exits_two(
+    option: str, value: str, message: str
+) -> None:
+    async def body() -> tuple[int, str]:
+        process = await asyncio.create_subprocess_exec(
+            *command(),
+            "serve",
+            "--port",
+            "0",
+            option,
+            value,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            env=clean_env(),
+        )
+        async with asyncio.timeout(TIMEOUT):
+            _, err = await process.communicate()
+        assert process.returncode is not None
+        return process.returncode, err.decode()
+
+    assert run(body()) == (2, f"steadysocket: {message}\n")
+
+
 def test_sigterm_ends_serve_within_the_close_timeout_even_when_clients_never_answer() -> None:
     """Issue 16, point 1: one client stops reading after its hello, another floods echo requests
     without reading; SIGTERM still ends the process within the close timeout (1 s here) plus
