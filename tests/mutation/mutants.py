@@ -308,8 +308,9 @@ def _changes(
                 mutated.ops[position] = replacement()
                 yield "compare", _short(node), _short(mutated), _set_compare(position, replacement)
     elif isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
-        yield "drop-operand", _short(node), _short(node.left), _keep_side("left")
-        yield "drop-operand", _short(node), _short(node.right), _keep_side("right")
+        # Described by what goes: in the lifecycle declaration, the deleted transition(s).
+        yield "drop-operand", _short(node.right), "deleted", _keep_side("left")
+        yield "drop-operand", _short(node.left), "deleted", _keep_side("right")
     elif isinstance(node, ast.BinOp | ast.AugAssign) and type(node.op) in _ARITH_SWAPS:
         swapped = _ARITH_SWAPS[type(node.op)]
         mutated_op = copy.deepcopy(node)

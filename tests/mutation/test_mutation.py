@@ -83,7 +83,8 @@ def test_a_transition_declaration_gets_deletions_and_guard_changes() -> None:
         """
     )
     ids = _ids(source)
-    assert "sample:Machine:drop-operand: a.to(b, cond='ready') | a.to(c) -> a.to(c)" in ids
+    assert "sample:Machine:drop-operand: a.to(c) -> deleted" in ids
+    assert "sample:Machine:drop-operand: a.to(b, cond='ready') -> deleted" in ids
     assert "sample:Machine:guard: cond='ready' -> unless='ready'" in ids
     assert "sample:Machine:guard: cond='ready' -> no guard" in ids
     assert "sample:Machine:drop-element: emits(first(), second()) -> without first()" in ids
