@@ -395,9 +395,10 @@ class GcPolicy:
     one of them: at 5,000 connections a full collection pauses the event loop for about 0.4 s,
     and every ping due meanwhile is that late. The policy keeps them out of the collector's way:
 
-    - every ``freeze_interval_ms`` the server calls :func:`gc.freeze`, which moves every object
-      alive at that moment into the permanent generation (an O(1) list splice): long-lived
-      connection state is then never scanned again;
+    - every ``freeze_interval_ms`` the server collects the young generations (``gc.collect(1)``,
+      bounded by their thresholds, so recent cyclic garbage is reclaimed rather than frozen) and
+      calls :func:`gc.freeze`, which moves every object still tracked into the permanent
+      generation (an O(1) list splice): long-lived connection state is never scanned again;
     - ``gen0_threshold`` replaces generation 0's threshold (CPython's default is 700), so the
       young collections that still run are rarer; each scans at most that many objects;
     - frozen objects that later become cyclic garbage (a closed connection's task, futures and

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from steadysocket.model.protocol import FEATURES, CloseCode, make_ping
+from steadysocket.model.protocol import CLIENT_ID_PATTERN, FEATURES, CloseCode, make_ping
 from steadysocket.model.server_session import (
     DEFAULT_CONNECTION_TIMEOUT_MS,
     DEFAULT_HEARTBEAT_INTERVAL_MS,
@@ -664,7 +664,7 @@ def test_a_held_session_is_not_closed_for_silence_and_release_counts_as_activity
 
 
 @given(
-    client_id=st.from_regex(r"[A-Za-z0-9_-]{1,64}", fullmatch=True),
+    client_id=st.from_regex(CLIENT_ID_PATTERN, fullmatch=True),
     beats=st.integers(min_value=1, max_value=5),
     micros=st.integers(min_value=0, max_value=10**6 - 1),
 )
