@@ -396,6 +396,7 @@ class _Conn:
         "direct",
         "ended",
         "finished",
+        "group",
         "inbox",
         "inbox_changed",
         "link",
@@ -409,6 +410,7 @@ class _Conn:
         "task_scope",
         "timer",
         "wake",
+        "writer",
         "writing",
     )
 
@@ -445,6 +447,11 @@ class _Conn:
         self.timer: asyncio.TimerHandle | None = None
         """The session's next deadline (a ping, or the dead-client close): one handle, no task."""
         self.reader: asyncio.Task[None] | None = None
+        self.group: asyncio.TaskGroup | None = None
+        """The connection's TaskGroup while it runs (where the writer is started)."""
+        self.writer: asyncio.Task[None] | None = None
+        """The writer, started the first time a frame cannot be written at once (or a close
+        is due); a connection whose frames all go out directly never has one."""
         self.send_scope: asyncio.Timeout | None = None
         self.body_scope: asyncio.Timeout | None = None
         self.task_scope: asyncio.Timeout | None = None
@@ -906,10 +913,12 @@ class Endpoints:
             conn.refusing = False
             if direct.write_paused:  # over the transport's limit: the writer waits, bounded
                 conn.stalled = True
+                self._start_writer(conn)
                 conn.wake.set()
             return True
         if conn.outbox.offer(text):
             conn.refusing = False
+            self._start_writer(conn)
             conn.wake.set()
             return True
         self.refused_pushes += 1
@@ -922,6 +931,16 @@ class Endpoints:
                 conn.outbox.queued_bytes,
             )
         return False
+
+    def _start_writer(self, conn: _Conn) -> None:
+        """Start the connection's writer if it has none (it then runs until the end)."""
+        if conn.writer is not None or conn.group is None or conn.ended.is_set():
+            return  # before the body starts, _run_body starts it if there is work
+        coro = self._write_loop(conn)
+        try:
+            conn.writer = conn.group.create_task(coro)
+        except RuntimeError:  # the group is shutting down: the connection is ending anyway
+            coro.close()
 
     def _arm_timer(self, conn: _Conn) -> None:
         """Schedule the session's next deadline: one ``call_at`` handle, no task."""
@@ -971,6 +990,7 @@ class Endpoints:
             when = scope.when()
             if when is None or when > deadline:
                 scope.reschedule(deadline)
+        self._start_writer(conn)
         conn.wake.set()
         conn.space.set()
         conn.inbox_changed.set()
@@ -1038,8 +1058,10 @@ class Endpoints:
         """The reader and the writer in a TaskGroup, the dispatcher (if any) in this task."""
         try:
             async with asyncio.timeout(None) as conn.body_scope, asyncio.TaskGroup() as group:
+                conn.group = group
                 conn.reader = group.create_task(reader)
-                group.create_task(self._write_loop(conn))
+                if conn.direct is None or conn.outbox or conn.closing or conn.stalled:
+                    self._start_writer(conn)
                 if conn.client is not None:
                     await self._dispatch(conn, conn.client)
         except TimeoutError:
@@ -1049,6 +1071,7 @@ class Endpoints:
             self._abort(conn)
         finally:
             conn.body_scope = None
+            conn.group = None
             conn.mark_ended()
 
     async def _client_body(self, conn: _Conn, query: str) -> None:

@@ -244,8 +244,9 @@ def test_the_server_pings_every_interval_counting_from_zero() -> None:
 
 def test_the_heartbeat_starts_no_task_one_timer_handle_per_connection_sends_the_pings() -> None:
     """Ten connections pinged every 20 ms: the tasks are the same with the heartbeat on as with
-    it off (websockets' handler, the reader and the writer per connection), and each
-    connection's next ping is one ``asyncio.TimerHandle``."""
+    it off, and each connection's next ping is one ``asyncio.TimerHandle``. The pings and the
+    hello went out directly (the client reads), so no connection started a writer task: the
+    tasks are websockets' handler and the reader."""
 
     async def tasks_with(heartbeat_interval_ms: int) -> tuple[int, int, list[object]]:
         before = len(asyncio.all_tasks())
@@ -264,6 +265,7 @@ def test_the_heartbeat_starts_no_task_one_timer_handle_per_connection_sends_the_
                         pings += 1
             tasks = len(asyncio.all_tasks()) - before
             timers: list[object] = [conn.timer for conn in server._conns]
+            assert [conn.writer for conn in server._conns] == [None] * 10
             for ws in sockets:
                 await ws.close()
         return tasks, pings, timers
