@@ -13,10 +13,14 @@ connection, runs the application's hooks, and owns the tasks. It has two layers:
   and 426, the open timeout, the size limit and graceful, bounded shutdown.
 
 Tasks: websockets creates one handler task per connection. In it, an :class:`asyncio.TaskGroup`
-runs a reader (every frame is read as it arrives) and a writer (the connection's outbox, the
-pings, the close frame), while the handler task itself runs ``on_connect`` and then the
-message handlers in order. Pushes only queue into the bounded outbox. Nothing else is started,
-so after :meth:`SteadyServer.close` nothing is left running.
+runs a reader (every frame is read as it arrives) and, once needed, a writer (the connection's
+outbox and the close frame), while the handler task itself runs ``on_connect`` and then the
+message handlers in order. A push (or a ping) never waits: it is written at once when the
+outbox is empty and the transport below its write-buffer limit, else queued into the bounded
+outbox, and the writer is started the first time that happens. The heartbeat is one
+``loop.call_at`` handle per connection, and the garbage-collector policy one ``call_later``
+handle per server. Nothing else is started, so after :meth:`SteadyServer.close` nothing is
+left running.
 
 Endpoints:
 
@@ -631,10 +635,11 @@ class Endpoints:
 
     Per connection, in the task that awaits ``serve_client``: a reader task reads every frame as
     it arrives (so pongs, Pings, close frames and the rate limit are seen at once, whatever the
-    application is doing), a writer task sends the connection's outbox, the pings and the close
-    frame, and the connection's own task runs ``on_connect`` and then the handlers, in order.
-    A push (:meth:`send_to`, :meth:`broadcast`, :meth:`Client.send`) only queues into the
-    outbox and never waits on a peer.
+    application is doing), a writer task (started when first needed) sends the connection's
+    outbox and the close frame, and the connection's own task runs ``on_connect`` and then the
+    handlers, in order. A push (:meth:`send_to`, :meth:`broadcast`, :meth:`Client.send`) or a
+    ping is written at once when that cannot wait (a :class:`WritesNow` link, nothing queued),
+    else queued into the outbox; it never waits on a peer.
 
     Configuration: pass ``config``, or any of ``heartbeat_interval_ms``,
     ``connection_timeout_ms``, ``max_message_bytes``, ``allowed_origins``, ``max_connections``,
