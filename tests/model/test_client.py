@@ -1547,3 +1547,28 @@ def test_last_activity_is_the_wall_time_of_the_last_frame() -> None:
     rt.receive(json.dumps({"type": "chat"}))
     rt.clock.advance(3.0)
     assert rt.core.snapshot().stats.last_activity == T0 + timedelta(seconds=2)
+
+
+def test_a_probe_after_a_stable_connection_is_recorded_as_attempt_one() -> None:
+    """The outage's counter was reset by the stable period, so the probe carries attempt 0."""
+    rt = open_client()
+    rt.fire(Timer.STABLE)
+    rt.close(REJECTED)
+    assert rt.phase() is Phase.FALLBACK
+    assert rt.core.lifecycle.attempts == 0
+    rt.fire(Timer.PROBE)
+    current = rt.core.snapshot().current_attempt
+    assert current is not None
+    assert current.number == 1
+
+
+def test_configuration_and_received_frames_are_frozen_values() -> None:
+    from dataclasses import FrozenInstanceError
+
+    config = ClientConfig(base_url=BASE_URL, client_id=CLIENT_ID)
+    received = Received(None, None, [])
+    for value, field in ((config, "client_id"), (received, "reply")):
+        # A frozen slots dataclass raises FrozenInstanceError, or TypeError on Python 3.11.
+        with pytest.raises((FrozenInstanceError, TypeError)):
+            setattr(value, field, "changed")
+    assert hash(config) == hash(ClientConfig(base_url=BASE_URL, client_id=CLIENT_ID))

@@ -286,9 +286,13 @@ def select_tests(
     by_line = lines.get(mutant.module, {})
     contexts = by_line.get(mutant.line, set())
     tests = {c for c in contexts if c in durations}
-    if IMPORT_CONTEXT in contexts or (contexts and not tests):
-        tests = {c for ctx in by_line.values() for c in ctx if c in durations}
     own = f"tests/model/test_{mutant.module}.py::"
+    if IMPORT_CONTEXT in contexts or (contexts and not tests):
+        # A declaration (a class body, a constant, a decorator): every test that runs the
+        # module, and the whole of its own test file, whose tests may only touch what the
+        # declaration generates (a dataclass's __init__, a union's members).
+        tests = {c for ctx in by_line.values() for c in ctx if c in durations}
+        tests |= {t for t in durations if t.startswith(own)}
     ordered = sorted(tests, key=lambda t: (durations[t], t))
     stages = [
         [t for t in ordered if t.startswith(own)],

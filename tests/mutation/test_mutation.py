@@ -172,11 +172,12 @@ def test_tests_are_selected_by_line_own_file_first_and_fastest_first() -> None:
     durations = {
         "tests/model/test_client.py::slow": 2.0,
         "tests/model/test_client.py::fast": 0.1,
+        "tests/model/test_client.py::frozen": 0.2,
         "tests/model/test_explore.py::other": 0.01,
     }
     lines = {
         "client": {
-            10: set(durations),
+            10: set(durations) - {"tests/model/test_client.py::frozen"},
             11: {IMPORT_CONTEXT},
             12: {"tests/model/test_explore.py::other"},
         }
@@ -185,10 +186,16 @@ def test_tests_are_selected_by_line_own_file_first_and_fastest_first() -> None:
         ["tests/model/test_client.py::fast", "tests/model/test_client.py::slow"],
         ["tests/model/test_explore.py::other"],
     ]
-    # A line run only at import selects every test that runs the module.
-    assert select_tests(_mutant(11), durations, lines) == select_tests(
-        _mutant(10), durations, lines
-    )
+    # A line run only at import selects every test that runs the module, and its own test
+    # file whole (a test of a frozen dataclass runs no line of the module).
+    assert select_tests(_mutant(11), durations, lines) == [
+        [
+            "tests/model/test_client.py::fast",
+            "tests/model/test_client.py::frozen",
+            "tests/model/test_client.py::slow",
+        ],
+        ["tests/model/test_explore.py::other"],
+    ]
     assert select_tests(_mutant(12), durations, lines) == [["tests/model/test_explore.py::other"]]
     assert select_tests(_mutant(13), durations, lines) == []
 
