@@ -395,10 +395,11 @@ class GcPolicy:
     one of them: at 5,000 connections a full collection pauses the event loop for about 0.4 s,
     and every ping due meanwhile is that late. The policy keeps them out of the collector's way:
 
-    - every ``freeze_interval_ms`` the server collects the young generations (``gc.collect(1)``,
-      bounded by their thresholds, so recent cyclic garbage is reclaimed rather than frozen) and
-      calls :func:`gc.freeze`, which moves every object still tracked into the permanent
-      generation (an O(1) list splice): long-lived connection state is never scanned again;
+    - every ``freeze_interval_ms`` in which connections were opened, the server collects the
+      young generations (``gc.collect(1)``, bounded by their thresholds, so recent cyclic
+      garbage is reclaimed rather than frozen) and calls :func:`gc.freeze`, which moves every
+      object still tracked into the permanent generation (an O(1) list splice): long-lived
+      connection state is never scanned again;
     - ``gen0_threshold`` replaces generation 0's threshold (CPython's default is 700), so the
       young collections that still run are rarer; each scans at most that many objects;
     - frozen objects that later become cyclic garbage (a closed connection's task, futures and
@@ -439,15 +440,25 @@ class GcStep(Enum):
 
     FREEZE = "freeze"
     UNFREEZE = "unfreeze"
+    NOTHING = "nothing"
 
 
-def gc_step(policy: GcPolicy, *, open_connections: int, closed_since_unfreeze: int) -> GcStep:
+def gc_step(
+    policy: GcPolicy,
+    *,
+    open_connections: int,
+    opened_since_freeze: int,
+    closed_since_unfreeze: int,
+) -> GcStep:
     """The step due at one tick (see :class:`GcPolicy`): unfreeze once a connection set's worth
-    of connections (at least ``unfreeze_min_closed``) closed since the last unfreeze, else
-    freeze."""
+    of connections (at least ``unfreeze_min_closed``) closed since the last unfreeze; else
+    freeze if connections opened since the last freeze (their state is what is worth freezing);
+    else nothing, so a server whose connections do not change pays nothing."""
     if closed_since_unfreeze >= max(policy.unfreeze_min_closed, open_connections):
         return GcStep.UNFREEZE
-    return GcStep.FREEZE
+    if opened_since_freeze > 0:
+        return GcStep.FREEZE
+    return GcStep.NOTHING
 
 
 # --------------------------------------------------------------------------------------------
@@ -661,7 +672,9 @@ class Outbox:
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self._items: deque[tuple[str, int]] = deque()
+        self._items: deque[tuple[str, int]] | None = None
+        """Created on the first offer: an empty deque costs about 600 bytes, and most
+        connections' outboxes never hold anything (their frames are written at once)."""
         self.queued_bytes = 0
         """The UTF-8 bytes waiting."""
         self.refused = 0
@@ -670,17 +683,20 @@ class Outbox:
         """True once :meth:`seal` was called: no more offers are taken."""
 
     def __len__(self) -> int:
-        return len(self._items)
+        return 0 if self._items is None else len(self._items)
 
     def offer(self, text: str) -> bool:
         """Queue ``text`` if it fits; False if it does not (see the class) or the box is sealed."""
         if self.sealed:
             return False
         size = utf8_size(text)
-        if self._items and self.queued_bytes + size > self.limit:
+        items = self._items
+        if items is None:
+            items = self._items = deque()
+        elif items and self.queued_bytes + size > self.limit:
             self.refused += 1
             return False
-        self._items.append((text, size))
+        items.append((text, size))
         self.queued_bytes += size
         return True
 
@@ -694,8 +710,9 @@ class Outbox:
 
     def clear(self) -> int:
         """Drop everything queued; returns how many texts were dropped."""
-        dropped = len(self._items)
-        self._items.clear()
+        dropped = len(self)
+        if self._items is not None:
+            self._items.clear()
         self.queued_bytes = 0
         return dropped
 

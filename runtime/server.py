@@ -60,7 +60,6 @@ import logging
 import os
 import signal
 import uuid
-from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from datetime import UTC, datetime
 from ssl import SSLContext
@@ -383,6 +382,50 @@ DEFAULT_GC_POLICY = GcPolicy()
 # --------------------------------------------------------------------------------------------
 
 
+class _Flag:
+    """The part of :class:`asyncio.Event` the pump uses, for a fraction of its memory.
+
+    A connection holds five of them; an ``asyncio.Event`` allocates a deque (about 600 bytes)
+    each, this a future only while someone waits.
+    """
+
+    __slots__ = ("_set", "_waiters")
+
+    def __init__(self) -> None:
+        self._set = False
+        self._waiters: list[asyncio.Future[None]] | None = None
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        if self._set:
+            return
+        self._set = True
+        waiters, self._waiters = self._waiters, None
+        if waiters:
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    def clear(self) -> None:
+        self._set = False
+
+    async def wait(self) -> None:
+        if self._set:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        if self._waiters is None:
+            self._waiters = [waiter]
+        else:
+            self._waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            if self._waiters is not None and waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+
 class _Conn:
     """What the pump keeps per connection: the outbox and the inbox, and how it ends.
 
@@ -424,16 +467,17 @@ class _Conn:
         self.client: Client | None = None
         self.bucket: TokenBucket | None = None
         self.outbox = Outbox(config.max_outbox_bytes)
-        self.inbox: deque[Deliver] = deque()
-        self.wake = asyncio.Event()
+        self.inbox: list[Deliver] = []
+        """At most ``_INBOX_LIMIT`` messages: a list costs less than a deque here."""
+        self.wake = _Flag()
         """The writer has something to do: a text queued, a close requested, the end."""
-        self.inbox_changed = asyncio.Event()
+        self.inbox_changed = _Flag()
         """The dispatcher has something to do: a delivery, or the end."""
-        self.space = asyncio.Event()
+        self.space = _Flag()
         """The reader may go on: the inbox has room, or the connection is closing."""
-        self.ended = asyncio.Event()
+        self.ended = _Flag()
         """The connection is over: nothing more will be read or written."""
-        self.finished = asyncio.Event()
+        self.finished = _Flag()
         """The connection's task is done, ``on_disconnect`` included."""
         self.closing: Close | None = None
         self.close_deadline: float | None = None
@@ -719,6 +763,7 @@ class Endpoints:
         self._gc_timer: asyncio.TimerHandle | None = None
         self._gc_acquired = False
         self._closed_since_unfreeze = 0
+        self._opened_since_freeze = 0
         self.refused_pushes = 0
         """Pushes refused because the connection's outbox was full (``max_outbox_bytes``)."""
 
@@ -841,13 +886,15 @@ class Endpoints:
         step = gc_step(
             policy,
             open_connections=len(self._conns),
+            opened_since_freeze=self._opened_since_freeze,
             closed_since_unfreeze=self._closed_since_unfreeze,
         )
         if step is GcStep.UNFREEZE:
             logger.debug("gc: unfreezing after %d connections closed", self._closed_since_unfreeze)
             gc.unfreeze()
             self._closed_since_unfreeze = 0
-        else:
+        elif step is GcStep.FREEZE:
+            self._opened_since_freeze = 0
             # Collect the young generations first (bounded by their thresholds, a few ms), so
             # that recent cyclic garbage is reclaimed instead of frozen with the live objects.
             gc.collect(1)
@@ -1042,6 +1089,7 @@ class Endpoints:
     async def _run_connection(self, conn: _Conn, body: Coroutine[Any, Any, None]) -> None:
         token = _CURRENT.set(conn)
         self._conns.add(conn)
+        self._opened_since_freeze += 1
         if callable(getattr(conn.link, "on_ping", None)):  # PingAware, without the costly check
             cast("PingAware", conn.link).on_ping(lambda: self._on_ping(conn))
         try:
@@ -1185,7 +1233,7 @@ class Endpoints:
         await self._run_hooks(self._connect_hooks, client, "on_connect")
         while True:
             if conn.inbox:
-                action = conn.inbox.popleft()
+                action = conn.inbox.pop(0)
                 conn.space.set()
                 await self._deliver(client, action)
                 continue

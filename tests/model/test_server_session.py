@@ -704,11 +704,21 @@ def test_a_malformed_gc_policy_names_the_setting(kwargs: dict[str, Any], variabl
     assert caught.value.variable == variable
 
 
-def test_the_gc_step_freezes_until_a_connection_sets_worth_has_closed() -> None:
+def test_the_gc_step_freezes_after_opens_until_a_connection_sets_worth_has_closed() -> None:
     policy = GcPolicy(unfreeze_min_closed=100)
-    assert gc_step(policy, open_connections=5000, closed_since_unfreeze=0) is GcStep.FREEZE
-    assert gc_step(policy, open_connections=5000, closed_since_unfreeze=4999) is GcStep.FREEZE
-    assert gc_step(policy, open_connections=5000, closed_since_unfreeze=5000) is GcStep.UNFREEZE
+
+    def step(open_connections: int, opened: int, closed: int) -> GcStep:
+        return gc_step(
+            policy,
+            open_connections=open_connections,
+            opened_since_freeze=opened,
+            closed_since_unfreeze=closed,
+        )
+
+    assert step(5000, 1, 0) is GcStep.FREEZE
+    assert step(5000, 0, 0) is GcStep.NOTHING  # nothing new to freeze: no work at all
+    assert step(5000, 7, 4999) is GcStep.FREEZE
+    assert step(5000, 0, 5000) is GcStep.UNFREEZE
     # With few connections open, the minimum keeps it from unfreezing (and collecting) often.
-    assert gc_step(policy, open_connections=3, closed_since_unfreeze=99) is GcStep.FREEZE
-    assert gc_step(policy, open_connections=3, closed_since_unfreeze=100) is GcStep.UNFREEZE
+    assert step(3, 1, 99) is GcStep.FREEZE
+    assert step(3, 1, 100) is GcStep.UNFREEZE
