@@ -1,0 +1,270 @@
+"""Protocol v2's delivery rules (``model/delivery.py``), one behaviour per test, written from
+the protocol text (``docs/protocol.md``, "Protocol v2") rather than from the code."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from steadysocket.model.delivery import (
+    AckBatch,
+    ClientDelivery,
+    DeliveryConfig,
+    Inbound,
+    ResumeOutcome,
+    ServerSession,
+    SessionStore,
+    check_application_message,
+    number,
+)
+
+
+def outcome_of(client: ClientDelivery) -> ResumeOutcome | None:
+    """A call, so that mypy does not keep an earlier assert's narrowing."""
+    return client.last_outcome
+
+
+def texts(n: int) -> list[str]:
+    return [json.dumps({"type": "t", "n": i}, separators=(",", ":")) for i in range(1, n + 1)]
+
+
+# -- configuration and helpers ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("window_ms", -1.0), ("history_limit", 0), ("ack_every", 0), ("ack_interval_ms", -0.5)],
+)
+def test_delivery_config_refuses_values_out_of_range(field: str, value: float) -> None:
+    with pytest.raises(ValueError, match=field):
+        DeliveryConfig(**{field: value})  # type: ignore[arg-type]
+
+
+def test_delivery_config_defaults_are_the_documented_ones() -> None:
+    config = DeliveryConfig()
+    assert (config.window_ms, config.history_limit) == (120_000.0, 1000)
+
+
+def test_number_puts_the_field_first_without_re_encoding() -> None:
+    assert number('{"type":"t"}', "id", 7) == '{"id":7,"type":"t"}'
+    assert number("{}", "offset", 1) == '{"offset":1}'
+
+
+def test_application_messages_may_not_carry_id_or_offset() -> None:
+    check_application_message({"type": "t", "text": "fine"})
+    with pytest.raises(ValueError, match="id, offset"):
+        check_application_message({"type": "t", "id": 1, "offset": 2})
+
+
+def test_acks_are_batched_by_count_and_by_timer() -> None:
+    batch = AckBatch(every=3)
+    assert batch.note(1) is None
+    assert batch.timer_wanted
+    batch.timer_armed = True
+    assert not batch.timer_wanted
+    assert batch.note(2) is None
+    assert batch.note(3) == 3  # the third message acks at once, cumulatively
+    assert not batch.timer_wanted
+    assert batch.due() is None  # nothing owed when the timer fires late
+    batch.note(4)
+    assert batch.due() == 4
+    batch.reset()
+    assert (batch.last, batch.acked, batch.timer_wanted) == (0, 0, False)
+
+
+# -- client -> server -------------------------------------------------------------------------
+
+
+def test_the_client_numbers_messages_from_one_and_keeps_them_until_acked() -> None:
+    client = ClientDelivery(outbox_limit=3)
+    sent = [client.accept(t) for t in texts(3)]
+    assert [p.id for p in sent] == [1, 2, 3]
+    assert json.loads(sent[0].text) == {"id": 1, "type": "t", "n": 1}
+    assert client.full
+    assert [p.id for p in client.to_write()] == [1, 2, 3]
+    assert list(client.to_write()) == []  # each is written once per connection
+    assert [p.id for p in client.acked(2)] == [1, 2]
+    assert [p.id for p in client.outbox] == [3]
+    assert not client.full
+
+
+def test_after_a_resume_every_unacked_message_is_written_again_with_its_id() -> None:
+    client = ClientDelivery()
+    assert client.resume_query() == {}
+    assert client.opened("s1", "e1", resumed=False) == []
+    assert client.last_outcome is ResumeOutcome.NEW
+    for text in texts(3):
+        client.accept(text)
+    list(client.to_write())
+    client.acked(1)
+    client.received(1)
+    client.closed()
+    assert client.resume_query() == {"session_id": "s1", "epoch": "e1", "offset": "1"}
+    assert client.opened("s1", "e1", resumed=True) == []
+    assert outcome_of(client) is ResumeOutcome.RESUMED
+    assert client.resent == 2
+    assert [p.id for p in client.to_write()] == [2, 3]
+
+
+def test_a_refused_resume_hands_back_what_was_written_and_renumbers_the_rest() -> None:
+    client = ClientDelivery()
+    client.opened("s1", "e1", resumed=False)
+    first, second = texts(2)
+    client.accept(first)
+    list(client.to_write())  # #1 written, never acked: the old session may have handled it
+    client.closed()
+    client.accept(second)  # accepted during the outage, never written anywhere
+    client.received(1)
+    lost = client.opened("s2", "e2", resumed=False)
+    assert [json.loads(p.text)["n"] for p in lost] == [1]
+    assert client.last_outcome is ResumeOutcome.UNKNOWN_SESSION
+    assert [(p.id, json.loads(p.text)["n"]) for p in client.outbox] == [(1, 2)]
+    assert client.last_offset == 0
+    assert client.resume_query()["session_id"] == "s2"
+
+
+def test_abandon_ends_the_session_and_returns_what_is_unacknowledged() -> None:
+    client = ClientDelivery()
+    client.opened("s1", "e1", resumed=False)
+    for text in texts(2):
+        client.accept(text)
+    assert [p.id for p in client.abandon()] == [1, 2]
+    assert client.resume_query() == {}
+    assert client.next_id == 1
+
+
+def test_the_client_delivers_offsets_in_order_drops_duplicates_and_refuses_gaps() -> None:
+    client = ClientDelivery(DeliveryConfig(ack_every=2))
+    assert client.received(1) == (Inbound.DELIVER, None)
+    assert client.received(2) == (Inbound.DELIVER, 2)  # the second acks the batch
+    assert client.received(2) == (Inbound.DUPLICATE, 2)  # acked again, not delivered
+    assert client.duplicates_dropped == 1
+    assert client.received(4) == (Inbound.GAP, None)
+    assert client.last_offset == 2
+
+
+# -- the server's session ---------------------------------------------------------------------
+
+
+def session(**config: float) -> ServerSession:
+    return ServerSession("s1", "c", "frontend", DeliveryConfig(**config))  # type: ignore[arg-type]
+
+
+def test_the_server_runs_each_id_once_in_order_and_acks_after_the_handler() -> None:
+    s = session(ack_every=1)
+    assert s.inbound(1) == (Inbound.DELIVER, None)  # no ack before the handler returned
+    assert s.handled(1) == 1
+    assert s.inbound(1) == (Inbound.DUPLICATE, 1)  # a re-send: dropped, acked again
+    assert s.inbound(3) == (Inbound.GAP, None)
+    assert s.last_handled == 1
+
+
+def test_an_id_whose_handler_still_runs_waits_and_an_interrupted_one_runs_again() -> None:
+    s = session()
+    assert s.inbound(1) == (Inbound.DELIVER, None)
+    assert s.inbound(1) == (Inbound.BUSY, None)  # the same id from a newer connection
+    assert s.inbound(2) == (Inbound.BUSY, None)  # or the next: one handler at a time
+    s.interrupted(2)  # not the running one: nothing changes
+    assert s.handling == 1
+    s.interrupted(1)
+    assert s.inbound(1) == (Inbound.DELIVER, None)
+    assert s.handled(1) is None  # batched (ack_every 32 by default)
+    assert s.ids.timer_wanted
+
+
+def test_published_messages_carry_offsets_and_stay_until_the_client_acks() -> None:
+    s = session(history_limit=10)
+    numbered = [s.publish(t) for t in texts(3)]
+    assert [json.loads(t)["offset"] for t in numbered] == [1, 2, 3]
+    assert s.client_acked(2)
+    assert [o for o, _ in s.history] == [3]
+    assert not s.client_acked(4)  # never sent: a protocol error
+
+
+def test_replay_resumes_from_any_offset_still_in_the_history() -> None:
+    s = session(history_limit=2)
+    for text in texts(3):
+        s.publish(text)
+    # The history kept offsets 2 and 3; offset 1 was trimmed unacknowledged.
+    assert s.replay_from(0) is ResumeOutcome.TRIMMED
+    assert s.replay_from(1) is ResumeOutcome.RESUMED
+    assert s.replay_from(3) is ResumeOutcome.RESUMED
+    assert s.replay_from(4) is ResumeOutcome.FUTURE_OFFSET
+    assert [json.loads(t)["offset"] for t in s.replay(1)] == [2, 3]
+
+
+# -- the store --------------------------------------------------------------------------------
+
+
+def store(**config: float) -> SessionStore:
+    return SessionStore("e1", DeliveryConfig(**config))  # type: ignore[arg-type]
+
+
+def test_a_first_connection_gets_a_new_session() -> None:
+    st = store()
+    opened = st.open("c", "frontend", {}, 0.0, "s1")
+    assert (opened.outcome, opened.resumed, opened.replay) == (ResumeOutcome.NEW, False, ())
+    assert opened.session.connected
+
+
+def test_a_resume_within_the_window_replays_what_the_client_missed() -> None:
+    st = store(window_ms=1_000)
+    s1 = st.open("c", "frontend", {}, 0.0, "s1").session
+    s1.publish(texts(1)[0])
+    st.disconnected(s1, 100.0)
+    s1.publish(texts(2)[1])  # sent while the client was away: kept for it
+    resume = {"session_id": "s1", "epoch": "e1", "offset": "1"}
+    opened = st.open("c", "frontend", resume, 900.0, "unused")
+    assert opened.resumed
+    assert [json.loads(t)["n"] for t in opened.replay] == [2]
+    assert opened.session is s1
+    assert s1.connected
+
+
+@pytest.mark.parametrize(
+    ("resume", "client", "outcome"),
+    [
+        ({"session_id": "s1", "epoch": "e0", "offset": "0"}, "c", ResumeOutcome.WRONG_EPOCH),
+        (
+            {"session_id": "forged", "epoch": "e1", "offset": "0"},
+            "c",
+            ResumeOutcome.UNKNOWN_SESSION,
+        ),
+        (
+            {"session_id": "s1", "epoch": "e1", "offset": "0"},
+            "other",
+            ResumeOutcome.FOREIGN_SESSION,
+        ),
+        ({"session_id": "s1", "epoch": "e1", "offset": "9"}, "c", ResumeOutcome.FUTURE_OFFSET),
+        ({"session_id": "s1", "epoch": "e1", "offset": "-1"}, "c", ResumeOutcome.FUTURE_OFFSET),
+        ({"session_id": "s1", "epoch": "e1", "offset": "01"}, "c", ResumeOutcome.FUTURE_OFFSET),
+        ({"session_id": "s1", "epoch": "e1", "offset": "9" * 19}, "c", ResumeOutcome.FUTURE_OFFSET),
+        ({"session_id": "s1", "epoch": "e1"}, "c", ResumeOutcome.FUTURE_OFFSET),
+    ],
+)
+def test_an_impossible_resume_gets_a_fresh_session_never_another_history(
+    resume: dict[str, str], client: str, outcome: ResumeOutcome
+) -> None:
+    st = store()
+    s1 = st.open("c", "frontend", {}, 0.0, "s1").session
+    s1.publish(texts(1)[0])
+    st.disconnected(s1, 0.0)
+    opened = st.open(client, "frontend", resume, 10.0, "s2")
+    assert opened.outcome is outcome
+    assert not opened.resumed
+    assert opened.session.session_id == "s2"
+    assert opened.replay == ()
+    assert (opened.session.client_id, opened.session.next_offset) == (client, 1)
+
+
+def test_a_session_expires_after_the_window_and_a_new_one_supersedes_the_old() -> None:
+    st = store(window_ms=1_000)
+    s1 = st.open("c", "frontend", {}, 0.0, "s1").session
+    st.disconnected(s1, 0.0)
+    assert st.expire(999.0) == []
+    assert [s.session_id for s in st.expire(1_001.0)] == ["s1"]
+    resume = {"session_id": "s1", "epoch": "e1", "offset": "0"}
+    assert st.open("c", "frontend", resume, 1_002.0, "s2").outcome is ResumeOutcome.UNKNOWN_SESSION
+    st.open("c", "frontend", {}, 1_003.0, "s3")
+    assert [s.session_id for s in st.of_client("c")] == ["s3"]  # one session per client id
