@@ -521,6 +521,10 @@ class _Conn:
         self.space.set()
 
 
+def _no_ping_listener() -> None:
+    """The Ping listener of a connection that has ended."""
+
+
 _CURRENT: contextvars.ContextVar[_Conn | None] = contextvars.ContextVar(
     "steadysocket_connection", default=None
 )
@@ -1102,6 +1106,13 @@ class Endpoints:
             self._abort(conn)
         finally:
             conn.task_scope = None
+            # Break the reference cycles through the connection (the transport's Ping listener
+            # and the connection's Client hold it), so that a closed connection is freed by
+            # reference counting at once instead of waiting for a (full) garbage collection.
+            if callable(getattr(conn.link, "on_ping", None)):
+                cast("PingAware", conn.link).on_ping(_no_ping_listener)
+            conn.client = None
+            conn.reader = None
             self._conns.discard(conn)
             self._closed_since_unfreeze += 1
             conn.finished.set()
