@@ -3,7 +3,7 @@
 The formula and presets follow the seed's "Adaptive Backoff Strategy": for attempt ``i`` the base
 delay is ``min(cap, base_delays[min(i, len - 1)])``, a uniform jitter of ``±base * jitter_ratio``
 is added, and the result is never below 100 ms. Unlike the origin, a ``jitter_ratio`` of 0 really
-means no jitter (PROTOCOL.md, Client 6).
+means no jitter (docs/protocol.md, Client 6).
 
 Randomness is injected (any object with ``random() -> float``, such as ``random.Random``) or
 derived from a seed through :class:`SplitMix64`, so tests can pin exact sequences and this module

@@ -1,4 +1,4 @@
-"""Classification of connection failures (PROTOCOL.md, Client 4 and 13).
+"""Classification of connection failures (docs/protocol.md, Client 4 and 13).
 
 The runtime turns whatever went wrong (a close frame, an HTTP rejection of the upgrade, or an
 exception) into a :data:`Failure` value; :func:`classify` maps that value to a
@@ -170,7 +170,7 @@ TERMINAL_HANDSHAKE_ERROR_KINDS: frozenset[ErrorKind] = frozenset({ErrorKind.VERS
 def classify(failure: Failure) -> Classification:
     """Return the :class:`Classification` of ``failure``.
 
-    The rules are PROTOCOL.md's Client points 4, 5 and 13. Anything they do not name is
+    The rules are docs/protocol.md's Client points 4, 5 and 13. Anything they do not name is
     ``unknown`` and retryable, except close 1000, which is ``unknown`` and not retryable because
     a normal closure is the server asking us to stop.
     """

@@ -1,6 +1,6 @@
 """The server side of one ``/ws/client`` connection, pure: time and ids in, actions out.
 
-Everything PROTOCOL.md (Server) decides about a connection lives in this file: which path is
+Everything docs/protocol.md (Server) decides about a connection lives here: which path is
 which endpoint, the query checks and their close codes, the hello, the ping schedule, the
 dead-client rule, the reply to each message type, and what the legacy echo answers. A runtime
 (the websockets server in ``steadysocket.runtime.server``, or an ASGI adapter) is a pump:

@@ -1,4 +1,4 @@
-"""Tests for steadysocket.model.classify: one case per row of PROTOCOL.md Client 4 and 13."""
+"""Tests for steadysocket.model.classify: one case per row of docs/protocol.md Client 4, 13."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """``WebSocketManager`` with the fakes: the Python API, the send queue, the environment, and one
-named regression test per origin bug (PROTOCOL.md, Client).
+named regression test per origin bug (docs/protocol.md, Client).
 
 Most tests run on the in-memory server and a :class:`VirtualClock`, so a backoff schedule takes
 no real time; a few run on the loopback server with the real clock and the default opener. No
@@ -630,7 +630,7 @@ def test_no_task_is_left_after_disconnect_over_real_sockets() -> None:
 
 
 # -------------------------------------------------------------------------------------------
-# Regressions: each origin bug in PROTOCOL.md (Client) gets a named test
+# Regressions: each origin bug fixed by docs/protocol.md (Client) gets a named test
 # -------------------------------------------------------------------------------------------
 
 

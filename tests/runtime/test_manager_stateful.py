@@ -8,7 +8,7 @@ drop it; send it a ping, a pong, a message or garbage) and time passing on a
 :class:`VirtualClock` (drawn amounts, or exactly to the next deadline).
 
 The model (:class:`ClientModel`) is a small discrete-event simulation of the client and the
-fake server, written from PROTOCOL.md: its own ``Lifecycle`` instance takes every phase decision
+fake server, written from docs/protocol.md: its own ``Lifecycle`` takes every phase decision
 (the declaration is the spec), and the model itself tracks what the runtime must carry out
 around it: which socket is live, which timers are pending and when they are due (its own
 backoff, seeded like the runtime's, so even jittered delays are predicted exactly), the

@@ -1,4 +1,4 @@
-"""SteadyServer against real websockets clients over 127.0.0.1: one test per PROTOCOL.md rule.
+"""SteadyServer against real websockets clients on 127.0.0.1: a test per docs/protocol.md rule.
 
 Each test starts its own server on port 0 with an empty environment. Every wait is bounded by
 a multiple of ``MS``; no test asserts how long something took.
