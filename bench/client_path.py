@@ -38,6 +38,7 @@ from bench import wire
 from bench.common import (
     CLIENT_CPU,
     SERVER_CPU,
+    BenchError,
     Child,
     GcWatch,
     Inbox,
@@ -58,6 +59,8 @@ TIMESTAMP = "2025-01-01T00:00:00.000Z"
 SEQ_BASE = 100_000
 """Sequence numbers start here, so every message has the same length (6 digits)."""
 RUN_TIMEOUT_S = 120.0
+MAX_OFFERS = 1_000_000
+"""How many times the managed send loop offers one message before it gives up."""
 
 
 def _message(seq: int, payload: str, *, stamped: bool = True) -> dict[str, Any]:
@@ -262,7 +265,15 @@ async def _managed_send(url: str, count: int, stamped: bool) -> float:
         start = time.perf_counter()
         send = manager.send
         for i in range(count):
-            send(_message(SEQ_BASE + i, PAYLOAD, stamped=stamped))
+            message = _message(SEQ_BASE + i, PAYLOAD, stamped=stamped)
+            # send() refuses (False) while send_buffer_bytes wait for the writer: yield to it and
+            # offer again, as the raw loop's `await ws.send()` waits for the socket.
+            for _ in range(MAX_OFFERS):
+                if send(message):
+                    break
+                await asyncio.sleep(0)
+            else:
+                raise BenchError(f"send() refused message {i} {MAX_OFFERS} times")
         await finished.wait()
         elapsed = time.perf_counter() - start
         assert manager.get_state().stats.messages_sent >= count
