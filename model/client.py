@@ -168,6 +168,8 @@ class ClientCore:
         self._next_token = 0
         self._timer_due: dict[Timer, float] = {}
 
+        self._stamp_key = -1
+        self._stamp_text = ""
         self.queue: deque[str] = deque()
         """Encoded messages accepted while no connection is open, oldest first."""
         self.hello: Hello | None = None
@@ -434,7 +436,7 @@ class ClientCore:
             raise TypeError(f"a message must be a mapping, got {type(message).__name__}")
         if "timestamp" not in message:
             # The only copy on this path, and only when the timestamp is missing.
-            message = {**message, "timestamp": format_timestamp(self.clock.now())}
+            message = {**message, "timestamp": self.timestamp()}
         try:
             text = encode(message)
         except TypeError as exc:
@@ -450,6 +452,15 @@ class ClientCore:
                 f"({self.config.max_message_bytes})"
             )
         return text
+
+    def timestamp(self) -> str:
+        """The wall time now, as the wire writes it; formatted once per millisecond (the wire's
+        precision), since a busy sender stamps many messages within one."""
+        now = self.clock.now()
+        key = int(now.timestamp() * 1000)
+        if key != self._stamp_key:
+            self._stamp_key, self._stamp_text = key, format_timestamp(now)
+        return self._stamp_text
 
     def offer(self, text: str) -> Offer:
         """Decide what happens to an encoded outgoing message in the current phase."""

@@ -174,7 +174,8 @@ class MessageStream:
         self._ended = False
         self._manager = manager
         # Held weakly: a stream left with ``break`` is collected and stops taking messages.
-        manager._streams.add(self)
+        self._ref = weakref.ref(self, manager._forget_stream)
+        manager._streams.append(self._ref)
 
     @property
     def ended(self) -> bool:
@@ -197,7 +198,7 @@ class MessageStream:
 
     def _end(self) -> None:
         self._ended = True
-        self._manager._streams.discard(self)
+        self._manager._forget_stream(self._ref)
         self._wake()
 
     def _wake(self) -> None:
@@ -330,7 +331,9 @@ class WebSocketManager:
         self._error_listeners: list[ErrorListener] = []
         self._return_listeners: list[ReturnListener] = []
         self._phase_waiters: list[tuple[frozenset[Phase], asyncio.Future[Phase]]] = []
-        self._streams: weakref.WeakSet[MessageStream] = weakref.WeakSet()
+        self._streams: list[weakref.ref[MessageStream]] = []
+        """Held weakly, so that a stream left with ``break`` is collected (and forgotten);
+        a list, not a WeakSet, whose ``len()`` showed up per frame in the profile."""
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- public API ----------------------------------------------------------------------
@@ -575,8 +578,11 @@ class WebSocketManager:
         # go back to the application.
         self._salvage_outgoing()
         self._hand_back(self._core.take_queue())
-        for stream in tuple(self._streams):
-            stream._end()
+        for ref in tuple(self._streams):
+            stream = ref()
+            if stream is not None:
+                stream._end()
+        self._streams.clear()
 
     async def _ensure_supervisor(self) -> None:
         """Start the supervisor unless one is running; called with the lock held."""
@@ -841,8 +847,14 @@ class WebSocketManager:
     def _to_streams(self, message: dict[str, Any]) -> None:
         # A method of its own: a loop variable in the reader's frame would keep the last
         # stream alive after its consumer let it go.
-        for stream in tuple(self._streams):
-            stream._put(message)
+        for ref in tuple(self._streams):
+            stream = ref()
+            if stream is not None:
+                stream._put(message)
+
+    def _forget_stream(self, ref: weakref.ref[MessageStream]) -> None:
+        if ref in self._streams:
+            self._streams.remove(ref)
 
     async def _writer(self, transport: Transport) -> None:
         try:

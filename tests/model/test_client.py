@@ -1572,3 +1572,12 @@ def test_configuration_and_received_frames_are_frozen_values() -> None:
         with pytest.raises((FrozenInstanceError, TypeError)):
             setattr(value, field, "changed")
     assert hash(config) == hash(ClientConfig(base_url=BASE_URL, client_id=CLIENT_ID))
+
+
+def test_the_timestamp_is_formatted_once_per_millisecond_and_moves_with_the_clock() -> None:
+    rt = client()
+    assert rt.core.timestamp() == "2025-08-15T10:00:00.000Z"
+    rt.clock.advance(0.0004)
+    assert rt.core.timestamp() == "2025-08-15T10:00:00.000Z"  # the same millisecond
+    rt.clock.advance(0.0007)
+    assert rt.core.timestamp() == "2025-08-15T10:00:00.001Z"
