@@ -780,8 +780,10 @@ class WebSocketManager:
             return
         try:
             async with asyncio.TaskGroup() as connection:
-                connection.create_task(self._writer(transport), name="steadysocket-writer")
-                await self._reader(transport)
+                connection.create_task(
+                    _transport_io(self._write(transport)), name="steadysocket-writer"
+                )
+                await _transport_io(self._read(transport))
         except* Exception as group:
             failure = _failure_of(group.exceptions[0])
             self._report(failure)
@@ -805,14 +807,6 @@ class WebSocketManager:
             self._socket_task = None
             self._control.clear()
             self._close(transport, code, reason)
-
-    async def _reader(self, transport: Transport) -> None:
-        try:
-            await self._read(transport)
-        except asyncio.CancelledError:
-            if _cancelling():
-                raise
-            raise _spurious_cancel() from None
 
     async def _read(self, transport: Transport) -> None:
         core = self._core
@@ -855,14 +849,6 @@ class WebSocketManager:
     def _forget_stream(self, ref: weakref.ref[MessageStream]) -> None:
         if ref in self._streams:
             self._streams.remove(ref)
-
-    async def _writer(self, transport: Transport) -> None:
-        try:
-            await self._write(transport)
-        except asyncio.CancelledError:
-            if _cancelling():
-                raise
-            raise _spurious_cancel() from None
 
     async def _write(self, transport: Transport) -> None:
         """Write control frames, then data, in order; any error ends the connection.
@@ -1009,6 +995,17 @@ def _cancelling() -> bool:
     """Whether the current task was asked to stop (as opposed to a stray CancelledError)."""
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
+
+
+async def _transport_io(io: Coroutine[Any, Any, None]) -> None:
+    """Run the reader or the writer; a CancelledError nobody asked for (raised by a transport)
+    ends the connection as a failure instead of silently ending the loop."""
+    try:
+        await io
+    except asyncio.CancelledError:
+        if _cancelling():
+            raise
+        raise _spurious_cancel() from None
 
 
 def _spurious_cancel() -> TransportClosed:

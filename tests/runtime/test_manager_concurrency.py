@@ -412,27 +412,27 @@ class _Broken(MemoryTransport):
         raise AttributeError("'NoneType' object has no attribute 'close'")
 
 
+def over(
+    transport_cls: type[MemoryTransport], **options: Any
+) -> tuple[VirtualClock, InMemoryServer, WebSocketManager]:
+    """A manager whose in-memory transports are ``transport_cls`` (a misbehaving subclass)."""
+    clock = VirtualClock()
+    server = InMemoryServer(clock, Script.accept())
+
+    async def opener(url: str) -> MemoryTransport:
+        transport = await server.open(url)
+        odd = transport_cls(server, transport.record)
+        odd._inbox = transport._inbox
+        server._links[transport.record.index] = odd
+        return odd
+
+    options = {"clock": clock, "sleep": clock.sleep, "opener": opener, **options}
+    return clock, server, WebSocketManager(server.url, "odd", environ={}, **options)
+
+
 def test_an_error_from_a_control_frame_or_the_close_ends_the_connection_not_the_manager() -> None:
     async def main() -> None:
-        clock = VirtualClock()
-        server = InMemoryServer(clock, Script.accept())
-
-        async def opener(url: str) -> MemoryTransport:
-            transport = await server.open(url)
-            broken = _Broken(server, transport.record)
-            broken._inbox = transport._inbox
-            server._links[transport.record.index] = broken
-            return broken
-
-        m = WebSocketManager(
-            server.url,
-            "broken",
-            environ={},
-            clock=clock,
-            sleep=clock.sleep,
-            opener=opener,
-            fallback_probe_interval_ms=None,
-        )
+        clock, server, m = over(_Broken, fallback_probe_interval_ms=None)
         errors: list[WSError] = []
         m.on_error(failures_into(errors))
         await m.connect()
@@ -678,25 +678,7 @@ class _CancelsOnSend(MemoryTransport):
 
 def test_a_stray_cancelled_error_from_the_transport_ends_the_connection() -> None:
     async def main() -> None:
-        clock = VirtualClock()
-        server = InMemoryServer(clock, Script.accept())
-
-        async def opener(url: str) -> MemoryTransport:
-            transport = await server.open(url)
-            odd = _CancelsOnSend(server, transport.record)
-            odd._inbox = transport._inbox
-            server._links[transport.record.index] = odd
-            return odd
-
-        m = WebSocketManager(
-            server.url,
-            "odd",
-            environ={},
-            clock=clock,
-            sleep=clock.sleep,
-            opener=opener,
-            enable_heartbeat=False,
-        )
+        clock, _server, m = over(_CancelsOnSend, enable_heartbeat=False)
         errors: list[WSError] = []
         m.on_error(failures_into(errors))
         await m.connect()
