@@ -406,10 +406,16 @@ def test_a_ping_flood_is_answered_in_full_and_the_connection_stays_open(hostile:
 def test_a_client_that_never_reads_is_dropped_with_its_pushes_refused_and_memory_bounded(
     hostile: Hostile,
 ) -> None:
-    """It asks for echoes of 64 KiB without ever reading them. The echoes pile up in its
-    connection's outbox until the next one does not fit (4 MiB by default) and is refused; the
-    writer's frame stalls, and after the connection timeout the server aborts the connection
-    (no close frame could reach a client that does not read). Its RSS stays bounded."""
+    """It asks for echoes of 64 KiB and reads nothing for three connection timeouts. The
+    echoes pile up in its connection's outbox until the next one does not fit (4 MiB by
+    default) and is refused; the writer's frame stalls, and after the connection timeout the
+    server aborts the connection (no close frame could reach a client that does not read). Its
+    RSS stays bounded.
+
+    The silent window is timed from the first request, not by the requests: the server reads
+    and refuses faster than the client writes, so all 2,048 can be sent in well under the
+    connection timeout, and a client that reads again within that bound is a slow reader the
+    server rightly keeps, not one that never reads."""
     offered = 2_048  # 128 MiB of echo requests
 
     async def body() -> tuple[int, int, int | None, bool]:
@@ -423,13 +429,19 @@ def test_a_client_that_never_reads_is_dropped_with_its_pushes_refused_and_memory
         ) as ws:
             await recv_json(ws)
             sent = 0
+            loop = asyncio.get_running_loop()
+            silent_until = loop.time() + 3 * CONNECTION_TIMEOUT_MS * MS
             with contextlib.suppress(TimeoutError, ConnectionClosed):
-                async with asyncio.timeout(3 * CONNECTION_TIMEOUT_MS * MS):
+                async with asyncio.timeout_at(silent_until):
                     for _ in range(offered):
                         await ws.send(payload)
                         sent += 1
                         if sent % 64 == 0:
                             hostile.sample()
+            # Still not reading until the window is over, however early the sends finished.
+            while (left := silent_until - loop.time()) > 0:
+                hostile.sample()
+                await asyncio.sleep(min(left, 100 * MS))
             peak = hostile.sample()
             # Now read: what the server managed to send, then the abort (no close frame).
             rcvd_code: int | None = -1
