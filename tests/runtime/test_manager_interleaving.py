@@ -19,8 +19,9 @@ After every step:
 - once every started call has finished and the last one was ``disconnect()`` or ``destroy()``:
   no task and no server connection is left.
 
-It runs on the virtual clock with the in-memory server (many examples) and over loopback with
-the real server and the default opener (fewer examples). The overlaps and faults drawn are
+It runs on the virtual clock with the in-memory server (many examples), and over loopback with
+the default opener against the scripted websockets server and against the real ``SteadyServer``
+(fewer examples each). The overlaps and faults drawn are
 printed in the run's summary.
 """
 
@@ -30,6 +31,7 @@ import asyncio
 import json
 from collections import Counter
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from hypothesis import HealthCheck, event, settings
@@ -40,6 +42,7 @@ import steadysocket.runtime.manager as manager_module
 from steadysocket.model.effects import Timer
 from steadysocket.model.snapshot import Phase
 from steadysocket.runtime.manager import ManagerClosed, WebSocketManager
+from steadysocket.runtime.server import Client, SteadyServer
 from tests.runtime.fakes import (
     ConnState,
     InMemoryServer,
@@ -312,7 +315,7 @@ class InterleavingMachine(RuleBasedStateMachine):
                     if not task.done():
                         await asyncio.wait({task})
                 await self.m.destroy()
-                if isinstance(self.server, LoopbackServer):
+                if isinstance(self.server, LoopbackServer | _SteadyRig):
                     await self.server.stop()
 
             self.run(finish())
@@ -348,6 +351,87 @@ class LoopbackInterleavingMachine(InterleavingMachine):
         super().server_fault(fault)
 
 
+@dataclass(eq=False)
+class _Seen:
+    """What a SteadyServer connection received, for the ledger."""
+
+    client: Client
+    received: list[str | bytes] = field(default_factory=list)
+    state: ConnState = ConnState.OPEN
+
+
+class _SteadyRig:
+    """The real ``SteadyServer`` behind the few calls the machine makes of its server."""
+
+    def __init__(self) -> None:
+        self.server = SteadyServer(
+            "127.0.0.1", 0, heartbeat_interval_ms=1_000, connection_timeout_ms=1_000
+        )
+        self.connections: list[_Seen] = []
+        by_client: dict[int, _Seen] = {}
+
+        @self.server.on_connect
+        async def opened(client: Client) -> None:
+            seen = _Seen(client)
+            by_client[id(client)] = seen
+            self.connections.append(seen)
+
+        @self.server.on_message("data")
+        async def data(message: dict[str, Any], client: Client) -> None:
+            by_client[id(client)].received.append(json.dumps(message))
+
+        @self.server.on_disconnect
+        async def closed(client: Client) -> None:
+            by_client[id(client)].state = ConnState.CLOSED
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def current(self) -> _Seen | None:
+        live = self.live()
+        return live[-1] if live else None
+
+    def live(self) -> list[_Seen]:
+        return [c for c in self.connections if c.state is not ConnState.CLOSED]
+
+    async def close(self, code: int, reason: str, record: _Seen) -> None:
+        await record.client.close(code, reason)
+
+    async def stop(self) -> None:
+        await self.server.close()
+
+
+class SteadyInterleavingMachine(InterleavingMachine):
+    """The same against the real ``SteadyServer``: real sockets, real time, its heartbeat."""
+
+    label = "SteadyServer"
+    loopback = True
+
+    def make_server(self) -> ScriptedServer:
+        rig = _SteadyRig()
+        self.runner.run(rig.server.start())
+        return rig  # type: ignore[return-value]
+
+    def make_manager(self) -> WebSocketManager:
+        return WebSocketManager(
+            self.server.url,
+            "interleaved",
+            environ={},
+            connection_timeout_ms=1_000,
+            send_queue_limit=5,
+            fallback_probe_interval_ms=None,
+        )
+
+    @rule(fault=st.sampled_from(["none"]))
+    def server_fault(self, fault: str) -> None:
+        """The real server has no fault switch: its closes are drawn by ``server_closes``."""
+
+    @rule()
+    def server_pings(self) -> None:
+        """Its own heartbeat pings every second."""
+
+
 def _summarise(label: str, summary: Callable[[str, str], None]) -> None:
     section = f"interleaving: overlapping calls and faults ({label})"
     for title, store in (("overlaps", OVERLAPS), ("faults", FAULTS)):
@@ -381,3 +465,16 @@ def test_interleaved_calls_over_loopback(summary: Callable[[str, str], None]) ->
         ),
     )
     _summarise(LoopbackInterleavingMachine.label, summary)
+
+
+def test_interleaved_calls_against_the_steady_server(summary: Callable[[str, str], None]) -> None:
+    run_state_machine_as_test(
+        SteadyInterleavingMachine,
+        settings=settings(
+            max_examples=max(settings().max_examples // 10, 10),
+            stateful_step_count=30,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+        ),
+    )
+    _summarise(SteadyInterleavingMachine.label, summary)
