@@ -345,7 +345,7 @@ class ClientCore:
             case Timer.STABLE:
                 self.log.debug("[WS] connection stable: outage over, backoff reset")
                 return self._fire("stable")
-            case Timer.HEARTBEAT:
+            case Timer.HEARTBEAT:  # pragma: no branch - the match covers every Timer
                 return self._watchdog()
 
     def _watchdog(self) -> list[Effect]:
@@ -536,8 +536,9 @@ class ClientCore:
 
     def _reason(self) -> str:
         failure = self.last_failure
-        if failure is None:
-            return "gave up"
+        # Every way into fallback (a failed attempt, a lost connection, a dead peer) records
+        # its failure first.
+        assert failure is not None, "fallback entered without a failure"
         classification = classify(failure)
         if not classification.retryable:
             return f"{failure.describe()} [{classification.kind}, not retryable]"
@@ -552,13 +553,14 @@ class ClientCore:
                 delay = effect.delay_ms or 0.0
                 self.log.info("[WS] retrying in %.0f ms", delay)
                 # After a lost connection the retry is noted on the attempt that opened it:
-                # the panel's next-retry ETA reads the newest attempt.
-                if self._recent:
-                    self._recent[0] = replace(
-                        self._recent[0],
-                        next_retry_delay_ms=delay,
-                        next_retry_at=self.clock.now() + timedelta(milliseconds=delay),
-                    )
+                # the panel's next-retry ETA reads the newest attempt. A retry timer only
+                # follows a finished attempt (failed, or the one that opened the connection),
+                # so there is one.
+                self._recent[0] = replace(
+                    self._recent[0],
+                    next_retry_delay_ms=delay,
+                    next_retry_at=self.clock.now() + timedelta(milliseconds=delay),
+                )
 
     # -- attempts --------------------------------------------------------------------------
 
@@ -581,7 +583,7 @@ class ClientCore:
         classification: Classification | None = None,
         detail: str | None = None,
     ) -> None:
-        if self._current is None:
+        if self._current is None:  # pragma: no cover - every caller has an attempt in flight
             return
         finished = replace(
             self._current,

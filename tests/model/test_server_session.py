@@ -36,6 +36,7 @@ from steadysocket.model.server_session import (
     ServerConfig,
     ServerSession,
     SessionState,
+    TokenBucket,
     encode_server_message,
     gc_step,
     is_sendable_close_code,
@@ -722,3 +723,41 @@ def test_the_gc_step_freezes_after_opens_until_a_connection_sets_worth_has_close
     # With few connections open, the minimum keeps it from unfreezing (and collecting) often.
     assert step(3, 1, 99) is GcStep.FREEZE
     assert step(3, 1, 100) is GcStep.UNFREEZE
+
+
+def test_an_explicit_connection_timeout_needs_no_environment() -> None:
+    assert ServerConfig.from_env({}, connection_timeout_ms=1234).connection_timeout == 1.234
+
+
+def test_a_gc_policy_may_leave_the_thresholds_alone() -> None:
+    assert GcPolicy(gen0_threshold=None).gen0_threshold is None
+
+
+def test_pausing_twice_keeps_the_first_pause_and_resuming_unpaused_does_nothing() -> None:
+    bucket = TokenBucket(capacity=2, window=1.0, now=0.0)
+    bucket.resume(5.0)
+    assert bucket.tokens == 2.0
+    assert bucket.take(5.0)
+    assert bucket.take(5.0)
+    assert not bucket.take(5.0)
+    bucket.pause(5.0)
+    bucket.pause(6.0)
+    bucket.resume(7.0)
+    assert bucket.tokens == 4.0
+
+
+def test_clearing_an_outbox_that_never_queued_drops_nothing() -> None:
+    outbox = Outbox(limit=100)
+    assert outbox.clear() == 0
+    assert len(outbox) == 0
+
+
+def test_release_without_hold_does_nothing() -> None:
+    session = ServerSession(ServerConfig())
+    session.release(now=1.0)
+    assert session.state is SessionState.NEW
+
+
+@pytest.mark.parametrize("code", [None, "1000", 1000.0, True])
+def test_only_an_int_can_be_a_sendable_close_code(code: object) -> None:
+    assert is_sendable_close_code(code) is False
