@@ -268,3 +268,84 @@ def test_a_session_expires_after_the_window_and_a_new_one_supersedes_the_old() -
     assert st.open("c", "frontend", resume, 1_002.0, "s2").outcome is ResumeOutcome.UNKNOWN_SESSION
     st.open("c", "frontend", {}, 1_003.0, "s3")
     assert [s.session_id for s in st.of_client("c")] == ["s3"]  # one session per client id
+
+
+# -- bounds, batching and bookkeeping at their edges ------------------------------------------
+
+
+def test_the_batching_defaults_are_32_messages_or_50_ms() -> None:
+    config = DeliveryConfig()
+    assert (config.ack_every, config.ack_interval_ms) == (32, 50.0)
+
+
+def test_the_edges_of_a_valid_delivery_config_are_accepted_and_it_is_frozen() -> None:
+    config = DeliveryConfig(window_ms=0, history_limit=1, ack_every=1, ack_interval_ms=0)
+    assert config.history_limit == 1
+    with pytest.raises(AttributeError):
+        config.window_ms = 5  # type: ignore[misc]
+
+
+def test_an_ack_sent_or_due_disarms_the_timer() -> None:
+    for settle in ("flush", "due", "reset"):
+        batch = AckBatch(every=10)
+        batch.note(1)
+        batch.timer_armed = True
+        getattr(batch, settle)()
+        batch.note(2)
+        assert batch.timer_wanted, settle
+
+
+def test_acked_messages_leave_the_written_count_too() -> None:
+    client = ClientDelivery()
+    for text in texts(3):
+        client.accept(text)
+    assert [p.id for p in client.to_write()] == [1, 2, 3]
+    client.acked(2)
+    assert client.written == 1
+    client.accept(texts(4)[3])
+    assert [p.id for p in client.to_write()] == [4]  # 3 stays written, 4 is new
+
+
+def test_a_resume_needs_both_the_session_and_its_epoch() -> None:
+    client = ClientDelivery(session_id="s1")
+    assert client.resume_query() == {}
+
+
+def test_a_new_connection_or_session_writes_the_outbox_from_the_start() -> None:
+    client = ClientDelivery()
+    client.opened("s1", "e1", resumed=False)
+    client.accept(texts(1)[0])
+    list(client.to_write())
+    client.closed()
+    assert client.written == 0
+    list(client.to_write())
+    assert client.opened("s1", "e1", resumed=True) == []
+    assert client.written == 0
+    list(client.to_write())
+    client.abandon()
+    assert (client.written, client.ever_written) == (0, 0)
+
+
+def test_a_disconnected_session_is_not_connected_and_expires_just_after_the_window() -> None:
+    st = SessionStore("e1", DeliveryConfig(window_ms=1_000))
+    s1 = st.open("c", "frontend", {}, 0.0, "s1").session
+    st.disconnected(s1, 500.0)
+    assert not s1.connected
+    assert st.expire(1_500.0) == []  # exactly the window: still resumable
+    assert st.expire(1_501.0) == [s1]
+
+
+def test_opening_expires_what_the_window_left_behind() -> None:
+    st = SessionStore("e1", DeliveryConfig(window_ms=1_000))
+    s1 = st.open("c", "frontend", {}, 0.0, "s1").session
+    st.disconnected(s1, 0.0)
+    st.open("other", "frontend", {}, 2_000.0, "s2")  # no expire() call in between
+    assert "s1" not in st.sessions
+
+
+def test_an_offset_with_thousands_of_digits_is_refused_without_parsing_it() -> None:
+    st = SessionStore("e1")
+    s1 = st.open("c", "frontend", {}, 0.0, "s1").session
+    st.disconnected(s1, 0.0)
+    resume = {"session_id": "s1", "epoch": "e1", "offset": "9" * 5_000}
+    assert st.open("c", "frontend", resume, 1.0, "s2").outcome is ResumeOutcome.FUTURE_OFFSET
