@@ -349,3 +349,37 @@ def test_an_offset_with_thousands_of_digits_is_refused_without_parsing_it() -> N
     st.disconnected(s1, 0.0)
     resume = {"session_id": "s1", "epoch": "e1", "offset": "9" * 5_000}
     assert st.open("c", "frontend", resume, 1.0, "s2").outcome is ResumeOutcome.FUTURE_OFFSET
+
+
+def test_an_ack_timer_that_fires_with_nothing_owed_is_disarmed() -> None:
+    batch = AckBatch(every=10)
+    batch.timer_armed = True
+    assert batch.due() is None
+    assert not batch.timer_armed
+
+
+def test_values_handed_around_are_frozen_and_the_defaults_documented() -> None:
+    pending = ClientDelivery().accept(texts(1)[0])
+    with pytest.raises(AttributeError):
+        pending.id = 9  # type: ignore[misc]
+    opened = SessionStore("e1").open("c", "frontend", {}, 0.0, "s1")
+    with pytest.raises(AttributeError):
+        opened.replay = ()  # type: ignore[misc]
+    assert ClientDelivery().outbox_limit == 1000
+    assert not ServerSession("s", "c", "frontend").connected
+
+
+def test_messages_accepted_before_the_first_hello_are_kept_for_the_first_session() -> None:
+    client = ClientDelivery()
+    client.accept(texts(1)[0])
+    assert client.opened("s1", "e1", resumed=False) == []
+    assert [p.id for p in client.outbox] == [1]
+
+
+def test_acking_everything_written_leaves_nothing_counted_as_written() -> None:
+    client = ClientDelivery()
+    for text in texts(2):
+        client.accept(text)
+    list(client.to_write())
+    client.acked(2)
+    assert client.written == 0
