@@ -193,7 +193,6 @@ class ClientDelivery:
     last_outcome: ResumeOutcome | None = None
     resent: int = 0
     duplicates_dropped: int = 0
-    replayed: int = 0
 
     def __post_init__(self) -> None:
         self.offsets = AckBatch(self.config.ack_every)
