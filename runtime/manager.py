@@ -59,6 +59,7 @@ from steadysocket.model.effects import (
 )
 from steadysocket.model.server_session import DEFAULT_MAX_MESSAGE_BYTES
 from steadysocket.model.snapshot import Phase, WSState
+from steadysocket.runtime.transport import CLOSE_TIMEOUT_S as CLOSE_TIMEOUT_S
 from steadysocket.runtime.transport import (
     Opener,
     OpenFailed,
@@ -71,8 +72,6 @@ from steadysocket.runtime.transport import open_websocket as _open_websocket
 logger = logging.getLogger(__name__)
 
 DEFAULT_URL = "ws://localhost:8000"
-CLOSE_TIMEOUT_S = 2.0
-"""How long a closing handshake may take; then the connection is aborted."""
 SEND_TIMEOUT_S = 10.0
 """How long one write may stay blocked by a peer that stopped reading: then it is dead."""
 DEFAULT_SEND_BUFFER_BYTES = 4 * DEFAULT_MAX_MESSAGE_BYTES

@@ -442,39 +442,28 @@ def _summarise(label: str, summary: Callable[[str, str], None]) -> None:
         )
 
 
-def test_interleaved_calls_in_memory(summary: Callable[[str, str], None]) -> None:
+def _run(machine: type[InterleavingMachine], summary: Callable[[str, str], None]) -> None:
+    """Run a machine with its budget: many long runs in memory, fewer over real sockets."""
+    if machine.loopback:
+        budget = settings(
+            max_examples=max(settings().max_examples // 10, 10), stateful_step_count=30
+        )
+    else:
+        budget = settings(stateful_step_count=max(settings().stateful_step_count, 60))
     run_state_machine_as_test(
-        InterleavingMachine,
-        settings=settings(
-            deadline=None,
-            stateful_step_count=max(settings().stateful_step_count, 60),
-            suppress_health_check=list(HealthCheck),
-        ),
+        machine,
+        settings=settings(budget, deadline=None, suppress_health_check=list(HealthCheck)),
     )
-    _summarise(InterleavingMachine.label, summary)
+    _summarise(machine.label, summary)
+
+
+def test_interleaved_calls_in_memory(summary: Callable[[str, str], None]) -> None:
+    _run(InterleavingMachine, summary)
 
 
 def test_interleaved_calls_over_loopback(summary: Callable[[str, str], None]) -> None:
-    run_state_machine_as_test(
-        LoopbackInterleavingMachine,
-        settings=settings(
-            max_examples=max(settings().max_examples // 10, 10),
-            stateful_step_count=30,
-            deadline=None,
-            suppress_health_check=list(HealthCheck),
-        ),
-    )
-    _summarise(LoopbackInterleavingMachine.label, summary)
+    _run(LoopbackInterleavingMachine, summary)
 
 
 def test_interleaved_calls_against_the_steady_server(summary: Callable[[str, str], None]) -> None:
-    run_state_machine_as_test(
-        SteadyInterleavingMachine,
-        settings=settings(
-            max_examples=max(settings().max_examples // 10, 10),
-            stateful_step_count=30,
-            deadline=None,
-            suppress_health_check=list(HealthCheck),
-        ),
-    )
-    _summarise(SteadyInterleavingMachine.label, summary)
+    _run(SteadyInterleavingMachine, summary)
