@@ -63,7 +63,7 @@ class Served:
             await self.app.close()
 
 
-class _GracefulServer(uvicorn.Server):
+class GracefulServer(uvicorn.Server):
     """The README's recipe: 1001 to every client before uvicorn's own shutdown (1012)."""
 
     def __init__(self, config: uvicorn.Config, app: SteadyASGI) -> None:
@@ -97,7 +97,7 @@ async def served(kind: Kind, **options: Any) -> AsyncIterator[Served]:
         ws_ping_interval=None,
         ws_per_message_deflate=compression is not None,
     )
-    uv = _GracefulServer(config, app)
+    uv = GracefulServer(config, app)
     task = asyncio.create_task(uv.serve())
     try:
         async with asyncio.timeout(TIMEOUT):

@@ -14,7 +14,6 @@ import asyncio
 import gc
 import json
 import logging
-import socket
 import uuid
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
@@ -34,6 +33,7 @@ from steadysocket.model.protocol import FEATURES, parse_timestamp
 from steadysocket.model.server_session import GcPolicy
 from steadysocket.runtime.asgi import Message, SteadyASGI
 from steadysocket.runtime.server import Client
+from tests.runtime.adapters import GracefulServer
 
 MS = 0.001
 TIMEOUT = 5000 * MS
@@ -56,18 +56,6 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
 def steady(**kwargs: Any) -> SteadyASGI:
     kwargs.setdefault("environ", {})
     return SteadyASGI(**kwargs)
-
-
-class GracefulServer(uvicorn.Server):
-    """The README's recipe: 1001 to every client before uvicorn's own shutdown (1012)."""
-
-    def __init__(self, config: uvicorn.Config, app: SteadyASGI) -> None:
-        super().__init__(config)
-        self.steady = app
-
-    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        await self.steady.close()
-        await super().shutdown(sockets)
 
 
 @asynccontextmanager
