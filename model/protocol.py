@@ -6,7 +6,9 @@ Every frame is a JSON object with a string ``type``. The system message types ar
 ``type``      direction  fields (besides ``type``)
 ============  =========  ======================================================================
 ``hello``     S → C      ``server_time``, ``accepted_version``, ``features``, ``request_id``,
-                         ``client_id``, ``heartbeat_interval_ms`` (:class:`Hello`)
+                         ``client_id``, ``heartbeat_interval_ms`` (:class:`Hello`); in v2 also
+                         ``session_id``, ``epoch``, ``resumed``, ``max_message_bytes`` and
+                         ``resume_outcome``
 ``ping``      both       ``timestamp``; server pings add ``heartbeat_count``, ``client_id``
                          (:class:`Ping`)
 ``pong``      both       ``timestamp``, optional ``client_id`` (:class:`Pong`)
@@ -17,7 +19,11 @@ Every frame is a JSON object with a string ``type``. The system message types ar
 ``echo``      S → C      ``original_message``, ``timestamp``, ``client_id`` (:class:`Echo`)
 ============  =========  ======================================================================
 
-Any other ``type`` is an application message and travels as a plain ``dict``.
+Any other ``type`` is an application message and travels as a plain ``dict``. Two more types
+belong to the protocol without being parsed here, because in v1 an application may use them:
+``ack`` (v2 only: ``{"type":"ack","id":N}`` from the server, ``{"type":"ack","offset":N}`` from
+the client, see ``model/delivery.py``) and ``reply`` (the answer to a request, in both versions:
+:func:`reply_text`).
 
 Exceptions::
 
@@ -50,6 +56,8 @@ __all__ = [
     "FEATURES",
     "MAX_CLOSE_REASON_BYTES",
     "MAX_NESTING_DEPTH",
+    "MAX_SESSION_TOKEN_LENGTH",
+    "RESUME_PARAMS",
     "SUPPORTED_VERSIONS",
     "SYSTEM_MESSAGES",
     "Accept",
@@ -58,6 +66,7 @@ __all__ = [
     "ErrorCode",
     "ErrorMessage",
     "Hello",
+    "HelloSession",
     "InvalidJSON",
     "InvalidMessage",
     "MessageType",
@@ -68,16 +77,20 @@ __all__ = [
     "Role",
     "Status",
     "SystemMessage",
+    "ack_text",
     "build_client_url",
     "decode_text",
     "encode",
     "format_timestamp",
+    "is_session_token",
     "make_error",
     "make_hello",
     "make_ping",
     "make_pong",
     "parse_message",
     "parse_timestamp",
+    "reply_error_text",
+    "reply_text",
     "truncate_reason",
     "validate_query",
 ]
@@ -111,6 +124,8 @@ class ErrorCode(StrEnum):
     INVALID_JSON = "INVALID_JSON"
     INVALID_MESSAGE = "INVALID_MESSAGE"
     UNSUPPORTED_DATA = "UNSUPPORTED_DATA"
+    HANDLER_ERROR = "HANDLER_ERROR"
+    """Only in a ``reply``: the handler of a request raised."""
 
 
 class MessageType(StrEnum):
@@ -124,7 +139,7 @@ class MessageType(StrEnum):
     ECHO = "echo"
 
 
-SUPPORTED_VERSIONS: frozenset[int] = frozenset({1})
+SUPPORTED_VERSIONS: frozenset[int] = frozenset({1, 2})
 """Protocol versions the server accepts."""
 
 FEATURES: tuple[str, ...] = (
@@ -366,8 +381,9 @@ MAX_HEARTBEAT_INTERVAL_MS = 86_400_000
 class Hello(_Message):
     """The server's first message after accepting a connection.
 
-    It has exactly the seed's seven fields. ``request_id`` is a UUID4 string that the caller
-    generates, because the model does not draw random numbers.
+    In v1 it has exactly the seed's seven fields. ``request_id`` is a UUID4 string that the
+    caller generates, because the model does not draw random numbers. A v2 hello
+    (``accepted_version`` 2) adds the session: :class:`HelloSession`.
     """
 
     TYPE: ClassVar[MessageType] = MessageType.HELLO
@@ -378,10 +394,12 @@ class Hello(_Message):
     request_id: str
     client_id: str
     heartbeat_interval_ms: int
+    session: HelloSession | None = None
+    """The v2 fields; None in a v1 hello."""
 
     def to_dict(self) -> dict[str, Any]:
         """Return the hello as a JSON-ready dict (``features`` becomes a list)."""
-        return {
+        data: dict[str, Any] = {
             "type": str(self.TYPE),
             "server_time": self.server_time,
             "accepted_version": self.accepted_version,
@@ -390,6 +408,9 @@ class Hello(_Message):
             "client_id": self.client_id,
             "heartbeat_interval_ms": self.heartbeat_interval_ms,
         }
+        if self.session is not None:
+            data.update(self.session.to_dict())
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Self:
@@ -413,16 +434,82 @@ class Hello(_Message):
             isinstance(item, str) for item in raw_features
         ):
             raise _bad(msg, "features", "a list of strings", raw_features)
+        version = _int(data, msg, "accepted_version")
         return cls(
             server_time=server_time,
-            accepted_version=_int(data, msg, "accepted_version"),
+            accepted_version=version,
             features=tuple(raw_features),
             request_id=_str(data, msg, "request_id"),
             client_id=_str(data, msg, "client_id"),
             heartbeat_interval_ms=_int(
                 data, msg, "heartbeat_interval_ms", minimum=1, maximum=MAX_HEARTBEAT_INTERVAL_MS
             ),
+            session=HelloSession.from_dict(data) if version == 2 else None,
         )
+
+
+MAX_SESSION_TOKEN_LENGTH = 128
+"""The longest ``session_id`` or ``epoch`` accepted, in the hello and in the query."""
+
+
+@dataclass(frozen=True)
+class HelloSession:
+    """The fields a v2 hello adds (``docs/protocol.md``, "Protocol v2", point 1).
+
+    ``resume_outcome`` says why ``resumed`` is what it is (a ``ResumeOutcome`` value of
+    ``model/delivery.py``: ``new``, ``resumed``, ``wrong_epoch``, ...), for diagnostics.
+    """
+
+    session_id: str
+    epoch: str
+    resumed: bool
+    max_message_bytes: int
+    resume_outcome: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """The v2 fields, as they are added to the hello."""
+        return {
+            "session_id": self.session_id,
+            "epoch": self.epoch,
+            "resumed": self.resumed,
+            "max_message_bytes": self.max_message_bytes,
+            "resume_outcome": self.resume_outcome,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Self:
+        """Validate the v2 fields of a hello.
+
+        Raises:
+            InvalidMessage: a field is missing or has the wrong type; the text names it.
+        """
+        msg = MessageType.HELLO
+        resumed = _get(data, msg, "resumed")
+        if not isinstance(resumed, bool):
+            raise _bad(msg, "resumed", "a boolean", resumed)
+        return cls(
+            session_id=_token(data, msg, "session_id"),
+            epoch=_token(data, msg, "epoch"),
+            resumed=resumed,
+            max_message_bytes=_int(data, msg, "max_message_bytes", minimum=1),
+            resume_outcome=_str(data, msg, "resume_outcome"),
+        )
+
+
+def _token(data: Mapping[str, Any], msg: MessageType, name: str) -> str:
+    value = _get(data, msg, name)
+    if not is_session_token(value):
+        expected = f"a token of 1 to {MAX_SESSION_TOKEN_LENGTH} URL-safe characters"
+        raise _bad(msg, name, expected, value)
+    return str(value)
+
+
+_TOKEN_PATTERN = re.compile(rf"^[A-Za-z0-9_-]{{1,{MAX_SESSION_TOKEN_LENGTH}}}$")
+
+
+def is_session_token(value: object) -> bool:
+    """Whether ``value`` can be a ``session_id`` or ``epoch`` (URL-safe, 1 to 128 characters)."""
+    return isinstance(value, str) and _TOKEN_PATTERN.fullmatch(value) is not None
 
 
 @dataclass(frozen=True)
@@ -769,8 +856,9 @@ def make_hello(
     request_id: str,
     heartbeat_interval_ms: int,
     version: int = 1,
+    session: HelloSession | None = None,
 ) -> Hello:
-    """Build the server's hello with :data:`FEATURES`.
+    """Build the server's hello with :data:`FEATURES`; a v2 hello passes its ``session``.
 
     The caller passes ``request_id``, normally ``str(uuid.uuid4())``, because the model draws no
     random numbers.
@@ -789,6 +877,7 @@ def make_hello(
         request_id=request_id,
         client_id=client_id,
         heartbeat_interval_ms=heartbeat_interval_ms,
+        session=session,
     )
 
 
@@ -811,6 +900,27 @@ def make_error(now: datetime, code: ErrorCode, message: str) -> ErrorMessage:
     return ErrorMessage(error_code=code, message=message, timestamp=format_timestamp(now))
 
 
+def ack_text(name: str, value: int, timestamp: str) -> str:
+    """A v2 cumulative ack: ``name`` is ``"id"`` (server to client) or ``"offset"`` (client to
+    server), ``timestamp`` an already formatted timestamp."""
+    return f'{{"type":"ack","{name}":{value},"timestamp":"{timestamp}"}}'
+
+
+def reply_text(request_id: int, result: Any) -> str:
+    """The answer to a request: ``{"type":"reply","id":N,"result":R}``.
+
+    Raises:
+        TypeError, ValueError: ``result`` cannot be encoded as JSON.
+    """
+    return _dumps({"type": "reply", "id": request_id, "result": result})
+
+
+def reply_error_text(request_id: int, code: ErrorCode, message: str) -> str:
+    """A request failed: ``{"type":"reply","id":N,"error":{"error_code","message"}}``."""
+    error = {"error_code": str(code), "message": message}
+    return _dumps({"type": "reply", "id": request_id, "error": error})
+
+
 # --------------------------------------------------------------------------------------------
 # Handshake: query validation and client URL
 # --------------------------------------------------------------------------------------------
@@ -823,6 +933,10 @@ class Accept:
     client_id: str
     version: int
     role: Role
+    resume: Mapping[str, str] = field(default_factory=dict)
+    """v2 only: whichever of ``session_id``, ``epoch`` and ``offset`` the query gave (as
+    strings, unchecked: ``SessionStore.open`` judges them, and answers a bad one with
+    ``resumed: false``)."""
 
 
 @dataclass(frozen=True)
@@ -878,16 +992,19 @@ def _first(params: Mapping[str, Any], name: str) -> object:
 _ROLES: Mapping[str, Role] = MappingProxyType({role.value: role for role in Role})
 
 
-def validate_query(query: str | Mapping[str, Sequence[str]]) -> Accept | Reject:
+def validate_query(
+    query: str | Mapping[str, Sequence[str]], *, accept_v2: bool = True
+) -> Accept | Reject:
     """Decide whether the server accepts a ``/ws/client`` connection (PROTOCOL Server point 2).
 
     ``query`` is the raw query string (a leading ``?`` is allowed) or an already parsed mapping
     of name → values. For a repeated parameter the first value counts. Checks run in order and
     the first failure decides:
 
-    1. ``version``: absent means 1; anything but exactly ``"1"`` → 4400
+    1. ``version``: absent means 1; anything but exactly ``"1"`` or ``"2"`` → 4400
        ``Unsupported version '<value>'``. Only the canonical spelling is accepted, so ``01``,
        `` 1`` and ``1.0`` are refused: a version is an identifier, not a number to normalise.
+       ``accept_v2=False`` refuses ``"2"`` too, as a v1-only server does.
     2. ``role``: absent means ``frontend``; anything but exactly ``frontend``, ``admin`` or
        ``test`` → 4401 ``Invalid role '<value>'``.
     3. ``client_id``: absent, empty or not matching :data:`CLIENT_ID_PATTERN` → 1008
@@ -906,7 +1023,8 @@ def validate_query(query: str | Mapping[str, Sequence[str]]) -> Accept | Reject:
         params = query
 
     version = _first(params, "version")
-    if version is not _MISSING and version != "1":
+    accepted = ("1", "2") if accept_v2 else ("1",)
+    if version is not _MISSING and version not in accepted:
         return Reject(
             CloseCode.UNSUPPORTED_VERSION, truncate_reason(f"Unsupported version {version!r}")
         )
@@ -923,20 +1041,32 @@ def validate_query(query: str | Mapping[str, Sequence[str]]) -> Accept | Reject:
     if not isinstance(client_id, str) or CLIENT_ID_PATTERN.fullmatch(client_id) is None:
         return Reject(CloseCode.POLICY_VIOLATION, "Invalid client_id")
 
-    return Accept(client_id=client_id, version=1, role=role)
+    if version != "2":
+        return Accept(client_id=client_id, version=1, role=role)
+    resume = {
+        name: value for name in RESUME_PARAMS if isinstance(value := _first(params, name), str)
+    }
+    return Accept(client_id=client_id, version=2, role=role, resume=resume)
 
 
+RESUME_PARAMS = ("session_id", "epoch", "offset")
+"""The query parameters a v2 client adds to resume its session."""
 _CLIENT_PATH = "/ws/client"
-_CLIENT_PARAMS = frozenset({"client_id", "version", "role"})
+_CLIENT_PARAMS = frozenset({"client_id", "version", "role", *RESUME_PARAMS})
 
 
 def build_client_url(
-    base_url: str, client_id: str, version: int = 1, role: str = "frontend"
+    base_url: str,
+    client_id: str,
+    version: int = 1,
+    role: str = "frontend",
+    resume: Mapping[str, str] | None = None,
 ) -> str:
     """Build the URL a client dials: ``<base>/ws/client?…&client_id=…&version=…&role=…``.
 
     The base path is kept (``ws://h/api/`` → ``ws://h/api/ws/client``). Other query parameters
-    of the base are kept verbatim; any ``client_id``, ``version`` or ``role`` already there is
+    of the base are kept verbatim; any ``client_id``, ``version``, ``role`` or resume parameter
+    (``resume``: a v2 client's ``session_id``, ``epoch`` and ``offset``) already there is
     replaced, since the server only reads the first value of a repeated parameter. A fragment is
     dropped: WebSocket URLs cannot carry one. The parameters are not validated here, so a client
     can still be pointed at a server with values it will refuse.
@@ -962,6 +1092,8 @@ def build_client_url(
         for piece in parts.query.split("&")
         if piece and unquote_plus(piece.split("=", 1)[0]) not in _CLIENT_PARAMS
     ]
-    ours = urlencode({"client_id": client_id, "version": str(version), "role": str(role)})
+    ours = urlencode(
+        {"client_id": client_id, "version": str(version), "role": str(role), **(resume or {})}
+    )
     query = "&".join([*kept, ours])
     return urlunsplit((parts.scheme, parts.netloc, path, query, ""))

@@ -26,6 +26,7 @@ from steadysocket.model.protocol import (
     ErrorCode,
     ErrorMessage,
     Hello,
+    HelloSession,
     InvalidJSON,
     InvalidMessage,
     MessageType,
@@ -35,16 +36,20 @@ from steadysocket.model.protocol import (
     Reject,
     Role,
     Status,
+    ack_text,
     build_client_url,
     decode_text,
     encode,
     format_timestamp,
+    is_session_token,
     make_error,
     make_hello,
     make_ping,
     make_pong,
     parse_message,
     parse_timestamp,
+    reply_error_text,
+    reply_text,
     truncate_reason,
     validate_query,
 )
@@ -115,6 +120,7 @@ def test_string_enums_compare_equal_to_their_wire_values() -> None:
         "INVALID_JSON",
         "INVALID_MESSAGE",
         "UNSUPPORTED_DATA",
+        "HANDLER_ERROR",
     ]
     assert [str(kind) for kind in MessageType] == [
         "hello",
@@ -127,8 +133,8 @@ def test_string_enums_compare_equal_to_their_wire_values() -> None:
     assert MessageType.HELLO == "hello"  # type: ignore[comparison-overlap]
 
 
-def test_only_version_one_is_supported_and_features_match_the_seed() -> None:
-    assert frozenset({1}) == SUPPORTED_VERSIONS
+def test_versions_one_and_two_are_supported_and_features_match_the_seed() -> None:
+    assert frozenset({1, 2}) == SUPPORTED_VERSIONS
     assert FEATURES == ("heartbeat", "structured_messages", "error_codes", "graceful_reconnect")
 
 
@@ -670,8 +676,9 @@ def test_validate_query_reads_a_mapping_of_plain_strings_as_whole_values() -> No
 @pytest.mark.parametrize(
     ("value", "reason"),
     [
-        ("2", "Unsupported version '2'"),
+        ("3", "Unsupported version '3'"),
         ("0", "Unsupported version '0'"),
+        ("02", "Unsupported version '02'"),
         ("abc", "Unsupported version 'abc'"),
         ("1.0", "Unsupported version '1.0'"),
         ("01", "Unsupported version '01'"),
@@ -727,8 +734,8 @@ def test_validate_query_uses_the_first_of_repeated_values() -> None:
     assert validate_query(
         "client_id=first&client_id=-bad&role=admin&role=x&version=1&version=2"
     ) == (Accept("first", 1, Role.ADMIN))
-    assert validate_query("version=2&version=1&client_id=abc") == Reject(
-        CloseCode.UNSUPPORTED_VERSION, "Unsupported version '2'"
+    assert validate_query("version=3&version=1&client_id=abc") == Reject(
+        CloseCode.UNSUPPORTED_VERSION, "Unsupported version '3'"
     )
 
 
@@ -917,3 +924,143 @@ def test_validate_query_reads_a_scalar_value_as_the_value_itself() -> None:
     assert validate_query({"client_id": "abc", "version": 1}) == Reject(  # type: ignore[dict-item]
         CloseCode.UNSUPPORTED_VERSION, "Unsupported version 1"
     )
+
+
+# --- protocol v2 on the wire -------------------------------------------------------------------
+
+
+def test_a_v1_only_server_refuses_version_two_with_4400() -> None:
+    assert validate_query("client_id=abc&version=2", accept_v2=False) == Reject(
+        CloseCode.UNSUPPORTED_VERSION, "Unsupported version '2'"
+    )
+    assert validate_query("client_id=abc&version=1", accept_v2=False) == Accept(
+        "abc", 1, Role.FRONTEND
+    )
+
+
+def test_validate_query_hands_a_v2_clients_resume_parameters_on_unjudged() -> None:
+    accepted = validate_query("client_id=abc&version=2&session_id=S&epoch=E&offset=007&x=1")
+    assert accepted == Accept(
+        "abc", 2, Role.FRONTEND, {"session_id": "S", "epoch": "E", "offset": "007"}
+    )
+    assert validate_query("client_id=abc&version=2&offset=3") == Accept(
+        "abc", 2, Role.FRONTEND, {"offset": "3"}
+    )
+    # A v1 client's resume parameters mean nothing and are not passed on.
+    assert validate_query("client_id=abc&session_id=S") == Accept("abc", 1, Role.FRONTEND)
+
+
+def _v2_hello(**session: Any) -> dict[str, Any]:
+    fields = {
+        "session_id": "s3ss10n_-",
+        "epoch": "ep",
+        "resumed": False,
+        "max_message_bytes": 1024,
+        "resume_outcome": "new",
+    }
+    fields.update(session)
+    hello = make_hello(
+        now=datetime(2026, 1, 2, tzinfo=UTC),
+        client_id="c",
+        request_id="r",
+        heartbeat_interval_ms=5,
+        version=2,
+    ).to_dict()
+    hello.update(fields)
+    return hello
+
+
+def test_a_v2_hello_carries_the_session_and_round_trips() -> None:
+    session = HelloSession("s3ss10n_-", "ep", True, 1024, "resumed")
+    hello = make_hello(
+        now=datetime(2026, 1, 2, tzinfo=UTC),
+        client_id="c",
+        request_id="r",
+        heartbeat_interval_ms=5,
+        version=2,
+        session=session,
+    )
+    data = hello.to_dict()
+    assert {k: data[k] for k in ("session_id", "epoch", "resumed", "max_message_bytes")} == {
+        "session_id": "s3ss10n_-",
+        "epoch": "ep",
+        "resumed": True,
+        "max_message_bytes": 1024,
+    }
+    assert data["resume_outcome"] == "resumed"
+    assert Hello.from_dict(json.loads(hello.serialize())) == hello
+    # A v1 hello never parses a session, whatever extra fields it carries.
+    v1 = dict(data, accepted_version=1)
+    assert Hello.from_dict(v1).session is None
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("session_id", None, "session_id"),
+        ("session_id", "", "session_id"),
+        ("session_id", "a b", "session_id"),
+        ("epoch", "x" * 129, "epoch"),
+        ("epoch", 7, "epoch"),
+        ("resumed", "false", "resumed"),
+        ("resumed", 0, "resumed"),
+        ("max_message_bytes", 0, "max_message_bytes"),
+        ("max_message_bytes", True, "max_message_bytes"),
+        ("resume_outcome", None, "resume_outcome"),
+    ],
+)
+def test_a_v2_hello_with_a_bad_session_field_is_invalid_and_names_it(
+    field: str, value: object, expected: str
+) -> None:
+    with pytest.raises(InvalidMessage, match=expected):
+        Hello.from_dict(_v2_hello(**{field: value}))
+
+
+def test_a_v2_hello_without_its_session_fields_is_invalid() -> None:
+    hello = _v2_hello()
+    del hello["epoch"]
+    with pytest.raises(InvalidMessage, match="'epoch' is missing"):
+        Hello.from_dict(hello)
+
+
+def test_session_tokens_are_url_safe_and_bounded() -> None:
+    assert is_session_token("A-z_09")
+    assert is_session_token("x" * 128)
+    assert not is_session_token("x" * 129)
+    assert not is_session_token("")
+    assert not is_session_token("a/b")
+    assert not is_session_token(None)
+
+
+def test_acks_and_replies_have_their_documented_shape() -> None:
+    assert json.loads(ack_text("id", 7, "T")) == {"type": "ack", "id": 7, "timestamp": "T"}
+    assert json.loads(ack_text("offset", 0, "T")) == {"type": "ack", "offset": 0, "timestamp": "T"}
+    assert json.loads(reply_text(3, {"a": [1]})) == {"type": "reply", "id": 3, "result": {"a": [1]}}
+    assert json.loads(reply_text(4, None)) == {"type": "reply", "id": 4, "result": None}
+    assert json.loads(reply_error_text(5, ErrorCode.HANDLER_ERROR, "boom")) == {
+        "type": "reply",
+        "id": 5,
+        "error": {"error_code": "HANDLER_ERROR", "message": "boom"},
+    }
+    with pytest.raises(TypeError):
+        reply_text(1, object())
+    with pytest.raises(ValueError, match="JSON"):
+        reply_text(1, float("nan"))
+
+
+def test_build_client_url_adds_and_replaces_the_resume_parameters() -> None:
+    url = build_client_url(
+        "ws://h/?offset=9&keep=1&session_id=old",
+        "c",
+        2,
+        resume={"session_id": "S", "epoch": "E", "offset": "4"},
+    )
+    assert parse_qs(urlsplit(url).query) == {
+        "keep": ["1"],
+        "client_id": ["c"],
+        "version": ["2"],
+        "role": ["frontend"],
+        "session_id": ["S"],
+        "epoch": ["E"],
+        "offset": ["4"],
+    }
