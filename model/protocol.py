@@ -465,6 +465,8 @@ class HelloSession:
     resumed: bool
     max_message_bytes: int
     resume_outcome: str
+    replayed: int = 0
+    """How many messages the server replays right after this hello (0 unless resumed)."""
 
     def to_dict(self) -> dict[str, Any]:
         """The v2 fields, as they are added to the hello."""
@@ -474,6 +476,7 @@ class HelloSession:
             "resumed": self.resumed,
             "max_message_bytes": self.max_message_bytes,
             "resume_outcome": self.resume_outcome,
+            "replayed": self.replayed,
         }
 
     @classmethod
@@ -493,6 +496,7 @@ class HelloSession:
             resumed=resumed,
             max_message_bytes=_int(data, msg, "max_message_bytes", minimum=1),
             resume_outcome=_str(data, msg, "resume_outcome"),
+            replayed=_opt_int(data, msg, "replayed", minimum=0) or 0,
         )
 
 

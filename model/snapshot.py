@@ -157,11 +157,46 @@ class ConnectionStats:
 
 
 @dataclass(frozen=True)
+class DeliveryStats:
+    """Protocol v2's delivery figures (``WSState.delivery``); see ``docs/protocol.md``.
+
+    ``unacknowledged`` counts messages ``send()`` accepted that the server has not acknowledged
+    yet (written or waiting); ``resent`` those written again after a resume; ``duplicates_dropped``
+    received messages dropped because their offset was already delivered; ``replayed`` messages
+    the server replayed on resumes; ``last_resume_outcome`` what became of the session on the
+    last hello (``new``, ``resumed``, ``wrong_epoch``, ``trimmed``, ...).
+    """
+
+    unacknowledged: int = 0
+    resent: int = 0
+    duplicates_dropped: int = 0
+    replayed: int = 0
+    last_resume_outcome: str | None = None
+    session_id: str | None = None
+    last_offset: int = 0
+    """The last contiguous offset delivered to the application."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the figures as JSON-ready data."""
+        return {
+            "unacknowledged": self.unacknowledged,
+            "resent": self.resent,
+            "duplicates_dropped": self.duplicates_dropped,
+            "replayed": self.replayed,
+            "last_resume_outcome": self.last_resume_outcome,
+            "session_id": self.session_id,
+            "last_offset": self.last_offset,
+        }
+
+
+@dataclass(frozen=True)
 class WSState:
     """A snapshot of the whole client state, with the seed's ``WSState`` field names.
 
     ``recent_attempts`` is newest first. ``connection_features`` is what the last hello
     advertised. ``is_fallback_mode`` is true only while the phase is ``fallback``.
+    ``protocol_version`` is the version in use (a v2 client refused by a v1-only server runs
+    v1), and ``delivery`` holds v2's figures (None in v1).
     """
 
     phase: Phase
@@ -174,6 +209,8 @@ class WSState:
     last_hello_message: Hello | None = None
     connection_features: tuple[str, ...] = ()
     is_fallback_mode: bool = False
+    protocol_version: int = 1
+    delivery: DeliveryStats | None = None
 
     def __post_init__(self) -> None:
         # Callers may hand in lists; tuples keep the snapshot immutable and hashable.
@@ -197,6 +234,8 @@ class WSState:
             ),
             "connection_features": list(self.connection_features),
             "is_fallback_mode": self.is_fallback_mode,
+            "protocol_version": self.protocol_version,
+            "delivery": None if self.delivery is None else self.delivery.to_dict(),
         }
 
     def to_json(self, *, indent: int | None = None) -> str:

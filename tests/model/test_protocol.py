@@ -988,7 +988,13 @@ def test_a_v2_hello_carries_the_session_and_round_trips() -> None:
         "max_message_bytes": 1024,
     }
     assert data["resume_outcome"] == "resumed"
+    assert data["replayed"] == 0
     assert Hello.from_dict(json.loads(hello.serialize())) == hello
+    replaying = HelloSession("s", "e", True, 1, "resumed", replayed=7)
+    assert HelloSession.from_dict(replaying.to_dict()) == replaying
+    # An older v2 server may leave "replayed" out: it reads as 0.
+    without = {k: v for k, v in replaying.to_dict().items() if k != "replayed"}
+    assert HelloSession.from_dict(without).replayed == 0
     # A v1 hello never parses a session, whatever extra fields it carries.
     v1 = dict(data, accepted_version=1)
     assert Hello.from_dict(v1).session is None
@@ -1007,6 +1013,8 @@ def test_a_v2_hello_carries_the_session_and_round_trips() -> None:
         ("max_message_bytes", 0, "max_message_bytes"),
         ("max_message_bytes", True, "max_message_bytes"),
         ("resume_outcome", None, "resume_outcome"),
+        ("replayed", -1, "replayed"),
+        ("replayed", "3", "replayed"),
     ],
 )
 def test_a_v2_hello_with_a_bad_session_field_is_invalid_and_names_it(

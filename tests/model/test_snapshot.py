@@ -12,6 +12,7 @@ from steadysocket.model.snapshot import (
     AttemptOutcome,
     ConnectionAttempt,
     ConnectionStats,
+    DeliveryStats,
     Phase,
     WSState,
 )
@@ -170,6 +171,8 @@ def test_state_to_dict_is_json_serializable_and_uses_the_seeds_field_names() -> 
         "last_hello_message",
         "connection_features",
         "is_fallback_mode",
+        "protocol_version",
+        "delivery",
     ]
     assert data["phase"] == "open"
     assert data["stats"]["message_counts_by_type"] == {"hello": 1, "ping": 2, "chat": 4}
@@ -196,6 +199,32 @@ def test_a_minimal_idle_state_serializes_with_empty_defaults() -> None:
     assert data["recent_attempts"] == []
     assert data["last_hello_message"] is None
     assert data["is_fallback_mode"] is False
+    assert data["protocol_version"] == 1
+    assert data["delivery"] is None
+
+
+def test_a_v2_state_carries_its_delivery_figures() -> None:
+    delivery = DeliveryStats(
+        unacknowledged=3,
+        resent=2,
+        duplicates_dropped=1,
+        replayed=4,
+        last_resume_outcome="resumed",
+        session_id="S",
+        last_offset=9,
+    )
+    state = WSState(phase=Phase.OPEN, client_id="c", url="u", protocol_version=2, delivery=delivery)
+    data = json.loads(state.to_json())
+    assert data["protocol_version"] == 2
+    assert data["delivery"] == {
+        "unacknowledged": 3,
+        "resent": 2,
+        "duplicates_dropped": 1,
+        "replayed": 4,
+        "last_resume_outcome": "resumed",
+        "session_id": "S",
+        "last_offset": 9,
+    }
 
 
 def test_a_fallback_state_reports_its_reason_and_in_flight_attempt() -> None:
