@@ -1,4 +1,20 @@
-"""A TCP proxy on 127.0.0.1 that can misbehave on command, for the demo and fault tests.
+"""Tools for testing your own application against a link that fails on cue.
+
+:class:`FaultProxy` is a TCP proxy on 127.0.0.1 that sits between your client and a server (a
+:class:`~steadysocket.runtime.server.SteadyServer` on port 0 works well) and misbehaves when told
+to: it drops, resets, stalls or slows the connections going through it, or flaps them. Point
+your :class:`~steadysocket.runtime.manager.WebSocketManager` at :attr:`FaultProxy.url` and switch
+the mode in the middle of a test::
+
+    async with SteadyServer("127.0.0.1", 0) as server, FaultProxy(server.port) as proxy:
+        async with WebSocketManager(proxy.url, environ={}) as manager:
+            await manager.wait_for(Phase.OPEN, timeout=10)
+            proxy.set_mode(Mode.RESET, apply_to_current=True)   # the link drops
+            await manager.wait_for(Phase.FAILED, timeout=10)
+            proxy.set_mode(Mode.PASS)                           # and comes back
+            await manager.wait_for(Phase.OPEN, timeout=10)
+
+The steadysocket demo and the project's own fault tests use the same proxy.
 
 Modes, switchable at any time with ``set_mode``:
 
@@ -33,6 +49,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from types import TracebackType
 from typing import Self
+
+__all__ = ["FaultProxy", "Flap", "Mode"]
 
 logger = logging.getLogger(__name__)
 
