@@ -164,3 +164,83 @@ def test_each_dedup_logger_tracks_its_own_last_line(
     second.info("a")
     first.info("a")
     assert lines(caplog) == [("INFO", "a"), ("INFO", "a")]
+
+
+def test_the_summary_comes_out_when_the_run_ends_not_beside_the_next_line(
+    log: DedupLogger, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Three inputs each log the same line; the fourth logs nothing: the run ended there.
+    for _ in range(3):
+        log.warning("[WS] Connection failed: %s", "refused")
+        log.end_step()
+    assert lines(caplog) == [("WARNING", "[WS] Connection failed: refused")]
+    log.end_step()
+    summary = (
+        "WARNING",
+        "[WS] previous message repeated 2 more times: [WS] Connection failed: refused",
+    )
+    assert lines(caplog) == [("WARNING", "[WS] Connection failed: refused"), summary]
+    log.info("[WS] transition from failed to reconnecting")
+    assert lines(caplog)[-2:] == [summary, ("INFO", "[WS] transition from failed to reconnecting")]
+
+
+def test_an_input_that_repeats_the_line_keeps_the_run_going(
+    log: DedupLogger, caplog: pytest.LogCaptureFixture
+) -> None:
+    log.info("a")
+    log.end_step()
+    log.info("a")
+    log.info("a")
+    log.end_step()
+    log.info("a")
+    log.end_step()
+    assert lines(caplog) == [("INFO", "a")]
+    log.end_step()
+    assert lines(caplog) == [
+        ("INFO", "a"),
+        ("INFO", "[WS] previous message repeated 3 more times: a"),
+    ]
+
+
+def test_after_a_quiet_input_the_same_line_starts_a_new_run(
+    log: DedupLogger, caplog: pytest.LogCaptureFixture
+) -> None:
+    log.info("a")
+    log.end_step()
+    log.end_step()
+    log.info("a")
+    log.end_step()
+    assert lines(caplog) == [("INFO", "a"), ("INFO", "a")]
+
+
+def test_an_input_with_only_disabled_lines_ends_the_run(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    log = DedupLogger(logging.getLogger(LOGGER))
+    log.info("a")
+    log.info("a")
+    log.end_step()
+    log.debug("hidden")
+    log.end_step()
+    assert lines(caplog) == [
+        ("INFO", "a"),
+        ("INFO", "[WS] previous message repeated 1 more time: a"),
+    ]
+
+
+def test_flush_writes_the_pending_summary_once_and_nothing_when_none_is_pending(
+    log: DedupLogger, caplog: pytest.LogCaptureFixture
+) -> None:
+    log.flush()
+    assert lines(caplog) == []
+    log.info("a")
+    log.flush()
+    assert lines(caplog) == [("INFO", "a")]
+    log.info("a")
+    log.info("a")
+    log.flush()
+    log.flush()
+    assert lines(caplog) == [
+        ("INFO", "a"),
+        ("INFO", "a"),
+        ("INFO", "[WS] previous message repeated 1 more time: a"),
+    ]
