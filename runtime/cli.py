@@ -115,7 +115,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_connect(args: argparse.Namespace) -> int:
-    from steadysocket.runtime.console import ConnectOptions, Unreachable, main_connect
+    from steadysocket.runtime.console import (
+        ConnectOptions,
+        NeedsTerminal,
+        Unreachable,
+        main_connect,
+    )
 
     if not args.debug:
         # The panel (or the JSON) shows what the log would say, and a log would tear the panel.
@@ -132,6 +137,9 @@ def _cmd_connect(args: argparse.Namespace) -> int:
     )
     try:
         return main_connect(options)
+    except NeedsTerminal as exc:
+        sys.stderr.write(f"steadysocket: {exc}\n")
+        return 2
     except Unreachable as exc:
         sys.stderr.write(f"steadysocket: {exc}\n")
         return 1
@@ -237,7 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
         "connect",
         help="connect to a server and show the live diagnostics panel",
         description="Connect to URL (default $WS_URL, else ws://localhost:8000) and show the "
-        "diagnostics panel. Keys: c connect, d disconnect, r force reconnect, p ping, q quit.",
+        "diagnostics panel. Keys: c connect, d disconnect, r force reconnect, p ping, q quit. "
+        "The panel needs a terminal: without one it exits 2 at once; use --json there. "
+        "An unreachable server ends in a one-line error and exit 1 once the first outage "
+        "reaches fallback.",
     )
     p.add_argument("url", nargs="?", default=None, help="base URL, e.g. ws://127.0.0.1:8000")
     p.add_argument("--client-id", default=None, help="client id (default: a fresh UUID4)")

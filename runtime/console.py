@@ -28,8 +28,18 @@ REFRESH_S = 0.5
 CLEAR = "\x1b[H\x1b[2J"
 
 
+DISABLED_NOTICE = (
+    "WEBSOCKET_ENABLED is false: the client stays idle and ignores connect; "
+    "unset it (or set it to true) to connect"
+)
+
+
 class Unreachable(Exception):
     """The first outage ended in fallback before the connection ever opened."""
+
+
+class NeedsTerminal(Exception):
+    """The panel was asked for, but standard output is not a terminal."""
 
 
 @dataclass
@@ -50,6 +60,8 @@ async def dispatch_key(manager: WebSocketManager, key: str) -> str | None:
     key = key.strip().lower()[:1]
     if key == "q":
         return None
+    if key in {"c", "r"} and not manager.enabled:
+        return DISABLED_NOTICE
     if key == "c":
         await manager.connect()
         return "connect requested"
@@ -78,8 +90,13 @@ def _cbreak(stream: TextIO) -> Iterator[None]:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
-async def run_connect(options: ConnectOptions, out: TextIO, keys: TextIO) -> int:
-    """Run the panel (or the JSON stream) until ``q``, SIGINT/SIGTERM or end of input."""
+async def run_connect(
+    options: ConnectOptions, out: TextIO, keys: TextIO, err: TextIO | None = None
+) -> int:
+    """Run the panel (or the JSON stream) until ``q``, SIGINT/SIGTERM or end of input.
+
+    ``err`` (standard error by default) gets the one-line notes of JSON mode.
+    """
     # The production delays, with the attempt limit the user chose.
     backoff = BackoffStrategy(max_attempts=options.max_attempts)
     manager = WebSocketManager(
@@ -93,12 +110,14 @@ async def run_connect(options: ConnectOptions, out: TextIO, keys: TextIO) -> int
     # One queue wakes the loop: a key (its character), a change ("") or the end (None).
     wakeups: asyncio.Queue[str | None] = asyncio.Queue()
     ever_open = False
-    notice: str | None = "connecting…"
+    emitted = 0
+    notice: str | None = "connecting…" if manager.enabled else DISABLED_NOTICE
 
     def on_state(state: WSState) -> None:
-        nonlocal ever_open
+        nonlocal ever_open, emitted
         ever_open = ever_open or state.phase is Phase.OPEN
         if options.json:
+            emitted += 1
             _emit(state.to_json())
         if state.phase is Phase.FALLBACK and not ever_open and not options.stay:
             wakeups.put_nowait(None)
@@ -124,8 +143,11 @@ async def run_connect(options: ConnectOptions, out: TextIO, keys: TextIO) -> int
     stop_reading = None if options.json else _watch_keys(loop, keys, wakeups.put_nowait)
     try:
         with _cbreak(keys) if stop_reading else contextlib.nullcontext():
+            if options.json and not manager.enabled:
+                (err if err is not None else sys.stderr).write(f"steadysocket: {DISABLED_NOTICE}\n")
             await manager.connect()
-            if options.json:
+            if options.json and not emitted:
+                # Nothing changed (the client stays idle): print where it stands, once.
                 _emit(manager.get_state().to_json())
             running = True
             while running:
@@ -147,6 +169,8 @@ async def run_connect(options: ConnectOptions, out: TextIO, keys: TextIO) -> int
                             now=datetime.now(UTC),
                             recent_messages=recent,
                             notice=notice,
+                            backoff=backoff,
+                            idle_reason=None if manager.enabled else "WEBSOCKET_ENABLED is false",
                         )
                     )
                     out.flush()
@@ -202,5 +226,16 @@ def _watch_keys(
 
 
 def main_connect(options: ConnectOptions) -> int:
-    """Run ``steadysocket connect``; the CLI turns exceptions into one-line errors."""
+    """Run ``steadysocket connect``; the CLI turns exceptions into one-line errors.
+
+    Raises:
+        NeedsTerminal: the panel was asked for but standard output is not a terminal (it
+            redraws with terminal escapes). ``--json`` is the form for scripts and pipes.
+        Unreachable: the first outage ended in fallback before the connection opened.
+    """
+    if not options.json and not sys.stdout.isatty():
+        raise NeedsTerminal(
+            "the diagnostics panel needs a terminal; use --json for one JSON snapshot per "
+            "state change"
+        )
     return asyncio.run(run_connect(options, sys.stdout, sys.stdin))

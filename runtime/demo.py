@@ -25,15 +25,16 @@ from typing import Any
 from steadysocket.model.backoff import BackoffStrategy
 from steadysocket.model.server_session import ServerConfig
 from steadysocket.model.snapshot import Phase, WSState
-from steadysocket.runtime.faultproxy import FaultProxy, Mode
 from steadysocket.runtime.manager import WebSocketManager, WSError
 from steadysocket.runtime.server import SteadyServer
+from steadysocket.testing import FaultProxy, Mode
 
 Narrate = Callable[[str], None]
 
 HEARTBEAT_MS = 400
 STEP_TIMEOUT_S = 15.0
 CLIENT_ID = "demo-client"
+STABLE_AFTER_MS = 800
 
 
 @dataclass
@@ -101,7 +102,7 @@ async def run_demo(narrate: Narrate) -> DemoResult:
         backoff_strategy=backoff,
         connection_timeout_ms=2_000,
         fallback_probe_interval_ms=1_500,
-        stable_after_ms=800,
+        stable_after_ms=STABLE_AFTER_MS,
         environ={},
     )
 
@@ -112,7 +113,8 @@ async def run_demo(narrate: Narrate) -> DemoResult:
         latest = state.recent_attempts[0] if state.recent_attempts else None
         if state.phase is Phase.FAILED and latest and latest.next_retry_delay_ms is not None:
             line += (
-                f"  (attempt {latest.number} failed; retry in {latest.next_retry_delay_ms:.0f} ms)"
+                f"  (attempt {latest.number} of this outage failed;"
+                f" retry in {latest.next_retry_delay_ms:.0f} ms)"
             )
         if state.phase is Phase.FALLBACK:
             line += f"  reason: {state.fallback_reason}"
@@ -134,6 +136,11 @@ async def run_demo(narrate: Narrate) -> DemoResult:
         story.say(
             f"server on 127.0.0.1:{port}, proxy on 127.0.0.1:{proxy.port}; "
             f"connecting to {manager.url}"
+        )
+        story.say(
+            "attempts are numbered per outage: #1 is the first attempt of each outage, and the "
+            f"count restarts once a connection has stayed up {STABLE_AFTER_MS} ms; "
+            f"{backoff.max_attempts} attempts per outage, then fallback"
         )
         await manager.connect()
         await _wait(manager, Phase.OPEN)
@@ -223,7 +230,7 @@ def summary_lines(state: WSState | None) -> list[str]:
         f"heartbeats received {stats.heartbeats_received}, sent {stats.heartbeats_sent}",
         "message types: "
         + ", ".join(f"{k}={v}" for k, v in sorted(stats.message_counts_by_type.items())),
-        "recent attempts (newest first):",
+        "recent attempts (newest first; numbered per outage):",
     ]
     for attempt in state.recent_attempts:
         kind = attempt.failure_kind or "-"

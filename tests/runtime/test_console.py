@@ -7,6 +7,7 @@ import asyncio
 import io
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -14,8 +15,16 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pytest
+
 from steadysocket.model.snapshot import Phase
-from steadysocket.runtime.console import ConnectOptions, dispatch_key, run_connect
+from steadysocket.runtime.console import (
+    DISABLED_NOTICE,
+    ConnectOptions,
+    Unreachable,
+    dispatch_key,
+    run_connect,
+)
 from steadysocket.runtime.manager import WebSocketManager
 from steadysocket.runtime.server import SteadyServer
 
@@ -167,4 +176,122 @@ def test_a_bad_url_is_a_one_line_error_and_exit_two() -> None:
     assert code == 2
     assert err.strip() == (
         "steadysocket: WebSocket URL must start with ws:// or wss://, got 'http://example.invalid'"
+    )
+
+
+def test_the_panel_without_a_terminal_refuses_at_once_and_points_to_json() -> None:
+    # stdout is not a terminal here (DEVNULL): the panel would print escapes into a file.
+    code, err = _run_cli("connect", f"ws://127.0.0.1:{closed_port()}")
+    assert code == 2
+    assert err.strip() == (
+        "steadysocket: the diagnostics panel needs a terminal; use --json for one JSON "
+        "snapshot per state change"
+    )
+
+
+def test_json_mode_prints_the_first_snapshot_once() -> None:
+    async def body() -> list[str]:
+        async with SteadyServer("127.0.0.1", 0, heartbeat_interval_ms=5_000) as server:
+            out = io.StringIO()
+            options = ConnectOptions(
+                url=server.url, client_id="once", role="frontend", version=1, json=True, stay=False
+            )
+            task = asyncio.create_task(run_connect(options, out, io.StringIO()))
+            async with asyncio.timeout(TIMEOUT):
+                while '"phase":"open"' not in out.getvalue().replace(" ", ""):  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)
+            os.kill(os.getpid(), signal.SIGINT)
+            assert await task == 0
+            return out.getvalue().splitlines()
+
+    phases = [json.loads(line)["phase"] for line in run(body())]
+    assert phases == ["connecting", "open", "idle"]  # idle: the manager destroyed on exit
+
+
+def test_with_websocket_enabled_false_the_panel_says_why_it_stays_idle(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("WEBSOCKET_ENABLED", "false")
+
+    async def body() -> str:
+        read_fd, write_fd = os.pipe()
+        out = io.StringIO()
+        options = ConnectOptions(
+            url=f"ws://127.0.0.1:{closed_port()}",
+            client_id="off",
+            role="frontend",
+            version=1,
+            json=False,
+            stay=False,
+        )
+        with os.fdopen(read_fd) as keys:
+            task = asyncio.create_task(run_connect(options, out, keys))
+            async with asyncio.timeout(TIMEOUT):
+                while "phase      IDLE" not in out.getvalue():  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)
+            os.write(write_fd, b"cq")
+            os.close(write_fd)
+            assert await task == 0
+        return out.getvalue()
+
+    text = run(body())
+    assert "idle       WEBSOCKET_ENABLED is false: it will not connect" in text
+    assert DISABLED_NOTICE.startswith("WEBSOCKET_ENABLED is false: the client stays idle")
+    assert DISABLED_NOTICE[:70] in text  # the notice (clipped), also after the c key
+    assert "phase      CONNECTING" not in text
+
+
+def test_with_websocket_enabled_false_json_mode_says_why_and_prints_the_idle_snapshot() -> None:
+    async def body() -> tuple[list[dict[str, Any]], str]:
+        process = await asyncio.create_subprocess_exec(
+            *command(),
+            "connect",
+            f"ws://127.0.0.1:{closed_port()}",
+            "--json",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env={**clean_env(), "WEBSOCKET_ENABLED": "false"},
+        )
+        assert process.stdout is not None
+        async with asyncio.timeout(TIMEOUT):
+            first = json.loads(await process.stdout.readline())
+        process.send_signal(signal.SIGINT)
+        async with asyncio.timeout(TIMEOUT):
+            rest, err = await process.communicate()
+        assert process.returncode == 0
+        return [first, *(json.loads(line) for line in rest.splitlines())], err.decode()
+
+    snapshots, err = run(body())
+    assert [s["phase"] for s in snapshots] == ["idle"]
+    assert err == f"steadysocket: {DISABLED_NOTICE}\n"
+
+
+def test_while_the_client_gives_up_the_panel_shows_attempts_left_and_when() -> None:
+    async def body() -> tuple[str, Exception | None]:
+        out = io.StringIO()
+        options = ConnectOptions(
+            url=f"ws://127.0.0.1:{closed_port()}",
+            client_id="giving-up",
+            role="frontend",
+            version=1,
+            json=False,
+            stay=False,
+            max_attempts=2,
+        )
+        read_fd, write_fd = os.pipe()
+        with os.fdopen(read_fd) as keys:
+            try:
+                await run_connect(options, out, keys)
+            except Unreachable as exc:
+                return out.getvalue(), exc
+            finally:
+                os.close(write_fd)
+        return out.getvalue(), None
+
+    text, error = run(body())
+    assert isinstance(error, Unreachable)
+    assert "outage     attempt 1 of 2, 1 left" in text
+    # The production strategy's first delay is 1 s ± 20 %.
+    assert re.search(
+        r"gives up   in 0\.\d-1\.2s \(by \d\d:\d\d:\d\d\) if no attempt connects", text
     )

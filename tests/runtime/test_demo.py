@@ -31,6 +31,10 @@ def test_the_demo_walks_through_every_phase_and_ends_idle(summary: Summary) -> N
     ):
         assert chapter in text
     assert "retry in" in text
+    # The attempt numbers restart with each outage, and the demo says so.
+    assert "attempts are numbered per outage: #1 is the first attempt of each outage" in text
+    assert "(attempt 1 of this outage failed; retry in" in text
+    assert "recent attempts (newest first; numbered per outage):" in text
     assert "reason:" in text
     assert result.final_state is not None
     assert result.final_state.stats.successful_connections >= 4

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+from steadysocket.model.backoff import BackoffStrategy
 from steadysocket.model.protocol import FEATURES, Hello
 from steadysocket.model.snapshot import ConnectionAttempt, ConnectionStats, Phase, WSState
-from steadysocket.runtime.panel import KEYS_HELP, render
+from steadysocket.runtime.panel import KEYS_HELP, outage_lines, render
 
 NOW = datetime(2026, 11, 26, 12, 0, 0, tzinfo=UTC)
 
@@ -100,3 +101,74 @@ def test_a_fresh_client_renders_placeholders_not_errors() -> None:
 def test_long_lines_are_clipped_to_the_panel_width() -> None:
     text = render(_state(), now=NOW, recent_messages=[{"type": "x", "blob": "y" * 500}])
     assert max(len(line) for line in text.splitlines()) <= 78
+
+
+def _attempt(number: int, **fields: object) -> ConnectionAttempt:
+    return ConnectionAttempt(
+        number=number,
+        phase=Phase.RECONNECTING,
+        started_at=NOW - timedelta(seconds=1),
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+NO_JITTER = BackoffStrategy(base_delays_ms=(1000, 2000, 4000), jitter_ratio=0.0, max_attempts=5)
+
+
+def test_after_a_failed_attempt_the_panel_shows_attempts_left_and_when_it_gives_up() -> None:
+    failed = _attempt(2, outcome="failed", next_retry_at=NOW + timedelta(seconds=1.5))
+    state = _state(phase=Phase.FAILED, recent_attempts=(failed,))
+    text = render(state, now=NOW, backoff=NO_JITTER)
+    # 1.5 s to attempt 3, then the delays after attempts 3 and 4 (4 s each): 9.5 s.
+    assert "outage     attempt 2 of 5, 3 left" in text
+    assert "gives up   in 9.5s (by 12:00:10) if no attempt connects" in text
+
+
+def test_while_an_attempt_runs_its_own_delay_still_counts() -> None:
+    running = _attempt(1)
+    state = _state(phase=Phase.CONNECTING, current_attempt=running, recent_attempts=())
+    lines = outage_lines(state, now=NOW, backoff=NO_JITTER)
+    # Delays after attempts 1 to 4: 1 + 2 + 4 + 4 s.
+    assert lines == [
+        "outage     attempt 1 of 5, 4 left",
+        "gives up   in 11s (by 12:00:11) if no attempt connects",
+    ]
+
+
+def test_jittered_delays_give_a_range() -> None:
+    failed = _attempt(2, outcome="failed", next_retry_at=NOW + timedelta(seconds=2))
+    state = _state(phase=Phase.FAILED, recent_attempts=(failed,))
+    lines = outage_lines(state, now=NOW, backoff=BackoffStrategy.create_production_strategy())
+    # 2 s, then the delays after attempts 3 to 7: 4 + 8 + 12 + 12 + 12 s, each ±20 %.
+    assert lines == [
+        "outage     attempt 2 of 8, 6 left",
+        "gives up   in 40-60s (by 12:01:00) if no attempt connects",
+    ]
+
+
+def test_the_last_attempt_gives_up_if_it_fails() -> None:
+    state = _state(phase=Phase.RECONNECTING, current_attempt=_attempt(5), recent_attempts=())
+    assert outage_lines(state, now=NOW, backoff=NO_JITTER) == [
+        "outage     attempt 5 of 5, 0 left",
+        "gives up   if this attempt fails",
+    ]
+    failed = _attempt(5, outcome="failed")
+    spent = _state(phase=Phase.FAILED, recent_attempts=(failed,))
+    assert outage_lines(spent, now=NOW, backoff=NO_JITTER) == ["outage     attempt 5 of 5, 0 left"]
+
+
+def test_outside_an_outage_there_are_no_outage_lines() -> None:
+    for phase in (Phase.IDLE, Phase.OPEN, Phase.DEGRADED, Phase.FALLBACK):
+        assert outage_lines(_state(phase=phase), now=NOW, backoff=NO_JITTER) == []
+    fresh = _state(phase=Phase.CONNECTING, recent_attempts=())
+    assert outage_lines(fresh, now=NOW, backoff=NO_JITTER) == []
+    assert "outage" not in render(_state(phase=Phase.OPEN), now=NOW, backoff=NO_JITTER)
+
+
+def test_an_idle_reason_is_shown_only_while_idle() -> None:
+    idle = WSState(phase=Phase.IDLE, client_id="c", url="ws://h/ws/client?client_id=c")
+    text = render(idle, now=NOW, idle_reason="WEBSOCKET_ENABLED is false")
+    assert "idle       WEBSOCKET_ENABLED is false: it will not connect" in text
+    assert "WEBSOCKET_ENABLED" not in render(
+        _state(phase=Phase.OPEN), now=NOW, idle_reason="WEBSOCKET_ENABLED is false"
+    )
