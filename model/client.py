@@ -9,7 +9,10 @@ firing, a text frame) and returns the effects the runtime must carry out. It own
   to the strict machine (this is what makes ``force_reconnect()`` race-free);
 - the heartbeat watchdog, a lazy deadline: it is armed once and, when it fires, compares the
   silence with the hello's interval instead of being re-armed on every message;
-- statistics, recent attempts, the fallback reason and the bounded send queue.
+- statistics, recent attempts, the fallback reason and the bounded send queue;
+- with ``version=2``, protocol v2's client side (``ClientDelivery``): the numbered outbox that
+  replaces the queue, offsets and acks, the resume query, and the downgrade to v1 when a server
+  refuses v2 with 4400.
 
 It reads time only from the injected ``Clock`` and never touches a socket.
 """
@@ -19,7 +22,7 @@ from __future__ import annotations
 import logging
 from collections import Counter, deque
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any, Protocol
@@ -32,6 +35,14 @@ from steadysocket.model.classify import (
     ErrorKind,
     Failure,
     classify,
+)
+from steadysocket.model.delivery import (
+    ClientDelivery,
+    DeliveryConfig,
+    Inbound,
+    ResumeOutcome,
+    check_application_message,
+    unnumber,
 )
 from steadysocket.model.effects import (
     CancelTimer,
@@ -46,9 +57,11 @@ from steadysocket.model.effects import (
 from steadysocket.model.lifecycle import DEAD_AFTER, DEGRADED_AFTER, Lifecycle
 from steadysocket.model.logs import DedupLogger
 from steadysocket.model.protocol import (
+    CloseCode,
     Hello,
     InvalidMessage,
     ProtocolError,
+    ack_text,
     build_client_url,
     decode_text,
     encode,
@@ -61,6 +74,7 @@ from steadysocket.model.snapshot import (
     AttemptOutcome,
     ConnectionAttempt,
     ConnectionStats,
+    DeliveryStats,
     Phase,
     WSState,
 )
@@ -74,6 +88,13 @@ SENDING_PHASES = frozenset({Phase.OPEN, Phase.DEGRADED})
 QUEUEING_PHASES = frozenset({Phase.CONNECTING, Phase.RECONNECTING, Phase.FAILED})
 INTERNAL_TYPES = frozenset({"hello", "ping", "pong"})
 """System messages the client consumes itself; everything else reaches the listeners."""
+SESSION_ENDING_PHASES = frozenset({Phase.IDLE, Phase.FALLBACK})
+"""Entering one of these ends a v2 session: what it holds unacknowledged is handed back."""
+NOT_SENT = "not sent"
+"""The reason given with messages handed back that were never written to a server."""
+NOT_ACKNOWLEDGED = "not acknowledged"
+"""The reason given with v2 messages handed back that were written but never acknowledged: the
+server may or may not have handled them (never by a session the client can still reach)."""
 
 
 class Clock(Protocol):
@@ -108,12 +129,17 @@ class ClientConfig:
     fallback_probe_interval_ms: float | None = 60_000
     stable_after_ms: float = 5_000
     send_queue_limit: int = 1000
+    """v1: messages queued while no connection is open; v2: messages not yet acknowledged."""
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     """The largest encoded message ``send()`` accepts; the server's default limit."""
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    """v2's ack batching (``ack_every``, ``ack_interval_ms``); the rest is the server's."""
 
     def __post_init__(self) -> None:
         if not self.client_id:
             raise ValueError("client_id must be a non-empty string")
+        if self.version not in (1, 2):
+            raise ValueError(f"version must be 1 or 2, got {self.version!r}")
         if self.send_queue_limit < 0:
             raise ValueError(f"send_queue_limit must be >= 0, got {self.send_queue_limit!r}")
         if self.max_message_bytes < 1:
@@ -134,9 +160,31 @@ class Received:
     message: dict[str, Any] | None
     """The decoded message for the listeners, or None (unparseable, or consumed internally)."""
     reply: str | None
-    """Text to send back at once (a pong), or None."""
+    """Text to send back at once (a pong, a v2 ack), or None."""
     effects: list[Effect]
     """Lifecycle effects (only when the frame ended a degraded spell)."""
+    acked: int | None = None
+    """v2: the server acknowledged every id up to this one."""
+    violation: str | None = None
+    """v2: the frame broke the protocol (an offset gap): the connection must be dropped."""
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeReport:
+    """What a v2 hello did to the session (``on_resume``)."""
+
+    outcome: ResumeOutcome
+    """``resumed``, or why not (``wrong_epoch``, ``unknown_session``, ``trimmed``, ...)."""
+    session_id: str
+    replayed: int
+    """Messages the server replays after the hello."""
+    returned: tuple[str, ...]
+    """Encoded messages handed back "not acknowledged" because the resume was refused."""
+
+    @property
+    def resumed(self) -> bool:
+        """Whether the session continued (nothing was lost)."""
+        return self.outcome is ResumeOutcome.RESUMED
 
 
 class ClientCore:
@@ -152,7 +200,17 @@ class ClientCore:
         """Per client, so one client's repeated lines are not interleaved with another's."""
         self.config = config
         self.clock = clock
-        self.url = config.url
+        self.version = config.version
+        """The protocol version in use: 2 falls back to 1 when a server refuses it."""
+        self.delivery: ClientDelivery | None = (
+            ClientDelivery(config.delivery, outbox_limit=config.send_queue_limit)
+            if config.version == 2
+            else None
+        )
+        self.max_message_bytes = config.max_message_bytes
+        """The configured limit, lowered to what a v2 server's hello says it accepts."""
+        self._returns: list[tuple[str, list[str]]] = []
+        self._resume_report: ResumeReport | None = None
         self.lifecycle = Lifecycle(
             backoff=backoff if backoff is not None else BackoffStrategy(),
             connection_timeout_ms=config.connection_timeout_ms,
@@ -191,6 +249,16 @@ class ClientCore:
         self._recent: deque[ConnectionAttempt] = deque(maxlen=RECENT_ATTEMPTS)
 
     # -- state -----------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """The URL the next attempt dials (in v2 with the resume query, once there is a
+        session)."""
+        resume = self.delivery.resume_query() if self.delivery is not None else None
+        config = self.config
+        return build_client_url(
+            config.base_url, config.client_id, self.version, config.role, resume=resume
+        )
 
     @property
     def phase(self) -> Phase:
@@ -254,15 +322,16 @@ class ClientCore:
             hello = Hello.from_dict(data)
         except ProtocolError as exc:
             return self.attempt_failed(generation, ErrorFailure(ErrorKind.INVALID_HELLO, str(exc)))
-        if hello.accepted_version != self.config.version:
+        if hello.accepted_version != self.version:
             return self.attempt_failed(
                 generation,
                 ErrorFailure(
                     ErrorKind.VERSION_MISMATCH,
-                    f"asked for version {self.config.version}, "
-                    f"server accepted {hello.accepted_version}",
+                    f"asked for version {self.version}, server accepted {hello.accepted_version}",
                 ),
             )
+        if hello.session is not None and self.delivery is not None:
+            self._opened_session(hello)
         self.hello = hello
         self.lifecycle.heartbeat_interval_ms = (
             float(hello.heartbeat_interval_ms) if self.config.enable_heartbeat else None
@@ -276,19 +345,83 @@ class ClientCore:
         self.log.info("[WS] Received hello message from server")
         return self._fire("handshake_succeeded")
 
+    def _opened_session(self, hello: Hello) -> None:
+        session, delivery = hello.session, self.delivery
+        assert session is not None
+        assert delivery is not None
+        try:
+            told: ResumeOutcome | None = ResumeOutcome(session.resume_outcome)
+        except ValueError:
+            told = None
+        lost = delivery.opened(
+            session.session_id, session.epoch, session.resumed, told, session.replayed
+        )
+        outcome = delivery.last_outcome
+        assert outcome is not None
+        returned = [unnumber(p.text) for p in lost]
+        if returned:
+            self._returns.append((NOT_ACKNOWLEDGED, returned))
+        if outcome is not ResumeOutcome.NEW:
+            self._resume_report = ResumeReport(
+                outcome, session.session_id, session.replayed, tuple(returned)
+            )
+            if outcome is ResumeOutcome.RESUMED:
+                self.log.info("[WS] session resumed (%d replayed)", session.replayed)
+            else:
+                self.log.warning(
+                    "[WS] session not resumed (%s): %d message(s) handed back",
+                    outcome,
+                    len(returned),
+                )
+        self.max_message_bytes = min(self.config.max_message_bytes, session.max_message_bytes)
+
+    def take_resume_report(self) -> ResumeReport | None:
+        """The report of the last v2 hello that asked to resume, once (None otherwise)."""
+        report, self._resume_report = self._resume_report, None
+        return report
+
+    def take_returns(self) -> list[tuple[str, list[str]]]:
+        """Encoded messages the model handed back since the last call, with their reason."""
+        returns, self._returns = self._returns, []
+        return returns
+
     def attempt_failed(self, generation: int, failure: Failure) -> list[Effect]:
-        """The attempt on socket ``generation`` failed before a valid hello."""
+        """The attempt on socket ``generation`` failed before a valid hello.
+
+        A v2 client refused with 4400 (a server that speaks only v1) runs v1 from then on and
+        retries: at most once delivery, reported in ``WSState.protocol_version``.
+        """
         if self._stale(generation, f"failure ({failure.describe()})"):
             return []
         self.live_generation = None
-        return self._failed(failure)
+        downgrade = (
+            self.delivery is not None
+            and isinstance(failure, CloseFailure)
+            and failure.code == CloseCode.UNSUPPORTED_VERSION
+        )
+        if downgrade:
+            self._downgrade()
+        return self._failed(failure, retry=downgrade)
 
-    def _failed(self, failure: Failure) -> list[Effect]:
+    def _downgrade(self) -> None:
+        delivery = self.delivery
+        assert delivery is not None
+        self.log.warning("[WS] the server refused protocol v2: running v1 (at most once)")
+        written = delivery.ever_written
+        pending = delivery.abandon()
+        lost = [unnumber(p.text) for p in pending if p.id <= written]
+        if lost:
+            self._returns.append((NOT_ACKNOWLEDGED, lost))
+        self.queue.extend(unnumber(p.text) for p in pending if p.id > written)
+        self.delivery = None
+        self.version = 1
+
+    def _failed(self, failure: Failure, *, retry: bool = False) -> list[Effect]:
         classification = classify(failure)
         self.last_failure = failure
         self.log.warning("[WS] Connection failed: %s (%s)", failure.describe(), classification.kind)
         self._finish_attempt(AttemptOutcome.FAILED, failure=failure, classification=classification)
-        effects = self._fire("attempt_failed", retryable=classification.retryable)
+        effects = self._fire("attempt_failed", retryable=classification.retryable or retry)
         self._note_retry(effects)
         return effects
 
@@ -399,6 +532,57 @@ class ClientCore:
         message = None if kind in INTERNAL_TYPES else data
         return Received(message, reply, self._resume())
 
+    def received_v2(self, text: str) -> Received:
+        """A text frame on an open v2 connection: offsets put in order, acks taken.
+
+        A message with an ``offset`` reaches the listeners (without the field) only if it is
+        the next in order; a duplicate is dropped and acknowledged again; a gap is a
+        violation. ``{"type":"ack","id":N}`` acknowledges the outbox up to ``N``.
+        """
+        received = self.received(text)
+        message, delivery = received.message, self.delivery
+        if message is None or delivery is None:
+            return received
+        if message["type"] == "ack":
+            upto = message.get("id")
+            if not isinstance(upto, int) or not _is_count(upto):
+                return Received(None, None, received.effects, violation=f"bad ack {text[:60]!r}")
+            delivery.acked(upto)
+            return Received(None, None, received.effects, acked=upto)
+        if "offset" not in message:
+            return received  # a control message (error, status): not numbered
+        offset = message.pop("offset")
+        if not isinstance(offset, int) or not _is_count(offset):
+            return Received(None, None, received.effects, violation=f"bad offset {offset!r}")
+        verdict, upto = delivery.received(offset)
+        ack = None if upto is None else ack_text("offset", upto, self.timestamp())
+        if verdict is Inbound.DELIVER:
+            return Received(message, ack, received.effects)
+        if verdict is Inbound.DUPLICATE:
+            self.log.debug("[WS] dropped duplicate offset %d", offset)
+            return Received(None, ack, received.effects)
+        return Received(
+            None,
+            None,
+            received.effects,
+            violation=f"offset {offset} after {delivery.last_offset}: a gap",
+        )
+
+    def ack_timer_wanted(self) -> float | None:
+        """v2: the delay (ms) of an ack timer the runtime should arm now, or None; call it
+        after a frame was delivered, and :meth:`ack_due` when the timer fires."""
+        delivery = self.delivery
+        if delivery is None or not delivery.offsets.timer_wanted:
+            return None
+        delivery.offsets.timer_armed = True
+        return delivery.config.ack_interval_ms
+
+    def ack_due(self) -> str | None:
+        """v2: the ack timer fired: the ack to send, or None if nothing is owed."""
+        delivery = self.delivery
+        upto = None if delivery is None else delivery.offsets.due()
+        return None if upto is None else ack_text("offset", upto, self.timestamp())
+
     def received_binary(self, size: int) -> list[Effect]:
         """A binary frame on the open connection: not part of the protocol, so it reaches no
         listener, but it is traffic all the same (it counts, and it ends a degraded spell)."""
@@ -434,6 +618,8 @@ class ClientCore:
         """
         if not isinstance(message, Mapping):
             raise TypeError(f"a message must be a mapping, got {type(message).__name__}")
+        if self.delivery is not None:
+            check_application_message(message)
         if "timestamp" not in message:
             # The only copy on this path, and only when the timestamp is missing.
             message = {**message, "timestamp": self.timestamp()}
@@ -446,10 +632,10 @@ class ClientCore:
         except ValueError as exc:
             raise ValueError(f"message cannot be encoded as JSON: {exc}") from None
         # ASCII-only JSON (ensure_ascii): the length is the size in bytes.
-        if len(text) > self.config.max_message_bytes:
+        if len(text) > self.max_message_bytes:
             raise ValueError(
                 f"message is {len(text)} bytes encoded, over max_message_bytes "
-                f"({self.config.max_message_bytes})"
+                f"({self.max_message_bytes})"
             )
         return text
 
@@ -463,8 +649,20 @@ class ClientCore:
         return self._stamp_text
 
     def offer(self, text: str) -> Offer:
-        """Decide what happens to an encoded outgoing message in the current phase."""
+        """Decide what happens to an encoded outgoing message in the current phase.
+
+        In v2 an accepted message joins the outbox (bounded by ``send_queue_limit``) whatever
+        the phase, and stays there until the server acknowledges it.
+        """
         phase = self.phase
+        delivery = self.delivery
+        if delivery is not None:
+            if phase not in SENDING_PHASES and phase not in QUEUEING_PHASES:
+                return Offer.REFUSED_PHASE
+            if delivery.full:
+                return Offer.REFUSED_FULL
+            delivery.accept(text)
+            return Offer.SEND if phase in SENDING_PHASES else Offer.QUEUED
         if phase in SENDING_PHASES:
             return Offer.SEND
         if phase in QUEUEING_PHASES:
@@ -506,7 +704,22 @@ class ClientCore:
             self.fallback_reason = None
         if after is not before:
             self.log.info("[WS] transition from %s to %s", before, after)
+            if after in SESSION_ENDING_PHASES and self.delivery is not None:
+                self._end_session()
         return effects
+
+    def _end_session(self) -> None:
+        """Idle or fallback ends a v2 session: its outbox goes back to the application."""
+        delivery = self.delivery
+        assert delivery is not None
+        written = delivery.ever_written
+        pending = delivery.abandon()
+        lost = [unnumber(p.text) for p in pending if p.id <= written]
+        unsent = [unnumber(p.text) for p in pending if p.id > written]
+        if lost:
+            self._returns.append((NOT_ACKNOWLEDGED, lost))
+        if unsent:
+            self._returns.append((NOT_SENT, unsent))
 
     def _resolve(self, effects: list[Effect]) -> list[Effect]:
         out: list[Effect] = []
@@ -518,6 +731,8 @@ class ClientCore:
                     self.live_generation = self.generation
                     self.total_attempts += 1
                     self._begin_attempt(effect)
+                    if self.delivery is not None:
+                        self.delivery.closed()  # nothing is written on the new socket yet
                 case CloseSocket():
                     self.live_generation = None
                     self._opened_at = None
@@ -638,4 +853,26 @@ class ClientCore:
             last_hello_message=self.hello,
             connection_features=self.hello.features if self.hello is not None else (),
             is_fallback_mode=self.phase is Phase.FALLBACK,
+            protocol_version=self.version,
+            delivery=self._delivery_stats(),
         )
+
+    def _delivery_stats(self) -> DeliveryStats | None:
+        delivery = self.delivery
+        if delivery is None:
+            return None
+        outcome = delivery.last_outcome
+        return DeliveryStats(
+            unacknowledged=len(delivery.outbox),
+            resent=delivery.resent,
+            duplicates_dropped=delivery.duplicates_dropped,
+            replayed=delivery.replayed,
+            last_resume_outcome=None if outcome is None else str(outcome),
+            session_id=delivery.session_id,
+            last_offset=delivery.last_offset,
+        )
+
+
+def _is_count(value: object) -> bool:
+    """A positive wire integer (a bool is not one)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1

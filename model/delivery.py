@@ -155,7 +155,7 @@ def number(text: str, name: str, value: int) -> str:
     return f'{{"{name}":{value},{text[1:]}'
 
 
-def _unnumber(text: str) -> str:
+def unnumber(text: str) -> str:
     """Undo :func:`number` (the field is first, so it is a prefix)."""
     _, _, rest = text.partition(",")
     return "{" + rest if rest else "{}"
@@ -193,6 +193,9 @@ class ClientDelivery:
     last_outcome: ResumeOutcome | None = None
     resent: int = 0
     duplicates_dropped: int = 0
+    replayed: int = 0
+    renumbered: dict[int, int] = field(default_factory=dict)
+    """After a refused resume: old id -> new id of the messages carried into the new session."""
 
     def __post_init__(self) -> None:
         self.offsets = AckBatch(self.config.ack_every)
@@ -239,27 +242,42 @@ class ClientDelivery:
             return {}
         return {"session_id": self.session_id, "epoch": self.epoch, "offset": str(self.last_offset)}
 
-    def opened(self, session_id: str, epoch: str, resumed: bool) -> list[Pending]:
+    def opened(
+        self,
+        session_id: str,
+        epoch: str,
+        resumed: bool,
+        outcome: ResumeOutcome | None = None,
+        replayed: int = 0,
+    ) -> list[Pending]:
         """A v2 hello arrived. Returns the messages to hand back to the application (reason
         "not acknowledged") when a resume was asked for and refused: those written in the
         old session and never acknowledged, which it may or may not have handled.
 
         After a resume, every unacknowledged message is written again, in order, with its id
         (the server drops the ids it already handled). A new session starts from id 1 and
-        offset 0; messages never written in the old one are renumbered and sent in the new.
+        offset 0; messages never written in the old one are renumbered and sent in the new
+        (``renumbered`` maps their old ids to the new ones). ``outcome`` is the hello's
+        ``resume_outcome`` when the server gave a known one, ``replayed`` its count of replays.
         """
         asked = self.session_id is not None
         self.written = 0
+        self.renumbered = {}
         if resumed and asked and session_id == self.session_id:
             self.resent += sum(1 for p in self.outbox if p.id <= self.ever_written)
+            self.replayed += replayed
+            # The resume query told the server the offset: that is an ack.
+            self.offsets.acked = self.offsets.last
             self.last_outcome = ResumeOutcome.RESUMED
             return []
         lost = [p for p in self.outbox if p.id <= self.ever_written]
         kept = [p for p in self.outbox if p.id > self.ever_written]
         self._new_session(session_id, epoch)
         for pending in kept:
-            self.accept(_unnumber(pending.text))
-        self.last_outcome = ResumeOutcome.UNKNOWN_SESSION if asked else ResumeOutcome.NEW
+            self.renumbered[pending.id] = self.accept(unnumber(pending.text)).id
+        if outcome is None or outcome is ResumeOutcome.RESUMED:
+            outcome = ResumeOutcome.UNKNOWN_SESSION if asked else ResumeOutcome.NEW
+        self.last_outcome = outcome
         return lost
 
     def _new_session(self, session_id: str | None, epoch: str | None) -> None:
@@ -270,8 +288,10 @@ class ClientDelivery:
         self.session_id, self.epoch = session_id, epoch
 
     def closed(self) -> None:
-        """The connection ended: nothing is written on the next one yet."""
+        """The connection ended: nothing is written on the next one yet, and no ack timer
+        runs (the next hello's resume query carries the offset)."""
         self.written = 0
+        self.offsets.timer_armed = False
 
     def abandon(self) -> list[Pending]:
         """The application disconnected: the session ends; what is unacknowledged goes back."""
@@ -446,7 +466,9 @@ class SessionStore:
         if (session.client_id, session.role) != (client_id, role):
             return ResumeOutcome.FOREIGN_SESSION
         raw = resume.get("offset", "")
-        if not raw.isdigit() or (len(raw) > 1 and raw[0] == "0") or len(raw) > 18:
+        # isascii(): str.isdigit() also accepts digits int() refuses, such as "²".
+        canonical = raw.isascii() and raw.isdigit() and (len(raw) == 1 or raw[0] != "0")
+        if not canonical or len(raw) > 18:
             return ResumeOutcome.FUTURE_OFFSET
         return session.replay_from(int(raw))
 
@@ -469,3 +491,13 @@ class SessionStore:
     def of_client(self, client_id: str) -> list[ServerSession]:
         """The live or resumable sessions of ``client_id``."""
         return [s for s in self.sessions.values() if s.client_id == client_id]
+
+    def next_expiry(self) -> float | None:
+        """When :meth:`expire` next has a session to drop (``now_ms`` timescale): the earliest
+        ``disconnected_at + window_ms`` of a disconnected session; None while none is."""
+        due = [
+            s.disconnected_at + self.config.window_ms
+            for s in self.sessions.values()
+            if s.disconnected_at is not None
+        ]
+        return min(due, default=None)

@@ -36,6 +36,7 @@ from steadysocket.model.delivery import (
     DeliveryConfig,
     Inbound,
     Pending,
+    ResumeOutcome,
     ServerSession,
     SessionStore,
     number,
@@ -620,9 +621,16 @@ class _TrustingClient(ClientDelivery):
 class _HandsBackAlwaysClient(ClientDelivery):
     """Hands back what was written even when the session resumed."""
 
-    def opened(self, session_id: str, epoch: str, resumed: bool) -> list[Pending]:
+    def opened(
+        self,
+        session_id: str,
+        epoch: str,
+        resumed: bool,
+        outcome: ResumeOutcome | None = None,
+        replayed: int = 0,
+    ) -> list[Pending]:
         written = [p for p in self.outbox if p.id <= self.ever_written]
-        ClientDelivery.opened(self, session_id, epoch, resumed)
+        ClientDelivery.opened(self, session_id, epoch, resumed, outcome, replayed)
         return written
 
 

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
@@ -25,7 +26,15 @@ from steadysocket.model.classify import (
     Failure,
     HttpFailure,
 )
-from steadysocket.model.client import ClientConfig, ClientCore, Offer, Received
+from steadysocket.model.client import (
+    NOT_ACKNOWLEDGED,
+    NOT_SENT,
+    ClientConfig,
+    ClientCore,
+    Offer,
+    Received,
+)
+from steadysocket.model.delivery import DeliveryConfig
 from steadysocket.model.effects import (
     CancelTimer,
     CloseSocket,
@@ -371,7 +380,7 @@ def test_an_accepted_version_mismatch_goes_to_fallback_in_one_attempt() -> None:
     rt = client()
     rt.connect()
 
-    effects = rt.hello(accepted_version=2)
+    effects = rt.hello(accepted_version=3)
 
     assert rt.phase() is Phase.FALLBACK
     assert plain(effects) == [
@@ -385,7 +394,7 @@ def test_an_accepted_version_mismatch_goes_to_fallback_in_one_attempt() -> None:
     assert state.last_hello_message is None
     assert state.is_fallback_mode
     assert state.fallback_reason == (
-        "protocol version mismatch: asked for version 1, server accepted 2 "
+        "protocol version mismatch: asked for version 1, server accepted 3 "
         "[handshake, not retryable]"
     )
     assert (state.recent_attempts[0].failure_kind, state.recent_attempts[0].retryable) == (
@@ -1581,3 +1590,269 @@ def test_the_timestamp_is_formatted_once_per_millisecond_and_moves_with_the_cloc
     assert rt.core.timestamp() == "2025-08-15T10:00:00.000Z"  # the same millisecond
     rt.clock.advance(0.0007)
     assert rt.core.timestamp() == "2025-08-15T10:00:00.001Z"
+
+
+# -- protocol v2: the client's side of a session ---------------------------------------------------
+
+
+def v2_hello(session_id: str = "S1", **session: Any) -> str:
+    fields: dict[str, Any] = {
+        "accepted_version": 2,
+        "session_id": session_id,
+        "epoch": "E1",
+        "resumed": False,
+        "max_message_bytes": 1_048_576,
+        "resume_outcome": "new",
+        **session,
+    }
+    return hello_text(**fields)
+
+
+def v2_client(**config: Any) -> Driver:
+    rt = client(version=2, **config)
+    rt.connect()
+    rt.first_frame(v2_hello())
+    assert rt.phase() is Phase.OPEN
+    return rt
+
+
+def query(rt: Driver) -> dict[str, list[str]]:
+    return parse_qs(urlsplit(rt.core.url).query)
+
+
+def test_version_must_be_one_or_two() -> None:
+    with pytest.raises(ValueError, match="version must be 1 or 2, got 3"):
+        client(version=3)
+
+
+def test_a_v2_client_asks_for_v2_and_resumes_with_its_session_and_offset() -> None:
+    rt = client(version=2)
+    assert query(rt)["version"] == ["2"]
+    assert "session_id" not in query(rt)
+    rt.connect()
+    rt.first_frame(v2_hello())
+    rt.core.received_v2(json.dumps({"offset": 1, "type": "chat"}))
+    rt.close(DROPPED)
+    assert {k: query(rt)[k] for k in ("session_id", "epoch", "offset")} == {
+        "session_id": ["S1"],
+        "epoch": ["E1"],
+        "offset": ["1"],
+    }
+    state = rt.core.snapshot()
+    assert state.protocol_version == 2
+    assert state.delivery is not None
+    assert (state.delivery.session_id, state.delivery.last_offset) == ("S1", 1)
+    assert state.delivery.last_resume_outcome == "new"
+
+
+def test_a_v2_client_keeps_every_accepted_message_until_it_is_acknowledged() -> None:
+    rt = client(version=2, send_queue_limit=2)
+    assert rt.core.offer('{"type":"a"}') is Offer.REFUSED_PHASE  # idle: nothing accepted
+    rt.connect()
+    assert rt.core.offer('{"type":"a"}') is Offer.QUEUED
+    rt.first_frame(v2_hello())
+    assert rt.core.offer('{"type":"b"}') is Offer.SEND
+    assert rt.core.offer('{"type":"c"}') is Offer.REFUSED_FULL
+    delivery = rt.core.delivery
+    assert delivery is not None
+    assert [json.loads(p.text) for p in delivery.to_write()] == [
+        {"id": 1, "type": "a"},
+        {"id": 2, "type": "b"},
+    ]
+    received = rt.core.received_v2('{"type":"ack","id":1,"timestamp":"t"}')
+    assert (received.message, received.acked, received.violation) == (None, 1, None)
+    assert [p.id for p in delivery.outbox] == [2]
+    state = rt.core.snapshot().delivery
+    assert state is not None
+    assert state.unacknowledged == 1
+
+
+def test_a_v2_message_may_not_carry_the_fields_v2_numbers_with() -> None:
+    rt = v2_client()
+    with pytest.raises(ValueError, match="remove the field"):
+        rt.core.prepare({"type": "t", "id": 4})
+    # v1 does not number messages: there the field is the application's.
+    assert json.loads(open_client().core.prepare({"type": "t", "id": 4}))["id"] == 4
+
+
+def test_v2_offsets_are_delivered_in_order_once_and_acknowledged_in_batches() -> None:
+    rt = v2_client(delivery=DeliveryConfig(ack_every=2, ack_interval_ms=40))
+    first = rt.core.received_v2('{"offset":1,"type":"chat","n":1}')
+    assert (first.message, first.reply) == ({"type": "chat", "n": 1}, None)
+    assert rt.core.ack_timer_wanted() == 40
+    assert rt.core.ack_timer_wanted() is None  # armed once
+    second = rt.core.received_v2('{"offset":2,"type":"chat","n":2}')
+    assert second.message == {"type": "chat", "n": 2}
+    assert second.reply is not None
+    assert json.loads(second.reply)["offset"] == 2  # the batch is full: ack at once
+    assert rt.core.ack_due() is None  # the timer finds nothing owed
+    again = rt.core.received_v2('{"offset":1,"type":"chat","n":1}')
+    assert again.message is None
+    assert again.reply is not None
+    assert json.loads(again.reply) == {"type": "ack", "offset": 2, "timestamp": ANY_TIME}
+    rt.core.received_v2('{"offset":3,"type":"chat"}')
+    assert rt.core.ack_timer_wanted() == 40
+    due = rt.core.ack_due()
+    assert due is not None
+    assert json.loads(due)["offset"] == 3
+    state = rt.core.snapshot().delivery
+    assert state is not None
+    assert (state.duplicates_dropped, state.last_offset, state.unacknowledged) == (1, 3, 0)
+
+
+class _AnyTime:
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, str) and other.startswith("2025-08-15T")
+
+    def __hash__(self) -> int:  # pragma: no cover - never hashed
+        return 0
+
+
+ANY_TIME: Any = _AnyTime()
+
+
+@pytest.mark.parametrize(
+    ("text", "violation"),
+    [
+        ('{"offset":3,"type":"chat"}', "offset 3 after 0: a gap"),
+        ('{"offset":0,"type":"chat"}', "bad offset 0"),
+        ('{"offset":"1","type":"chat"}', "bad offset '1'"),
+        ('{"offset":true,"type":"chat"}', "bad offset True"),
+        ('{"type":"ack","id":"x"}', "bad ack"),
+        ('{"type":"ack"}', "bad ack"),
+    ],
+)
+def test_a_v2_frame_that_breaks_the_numbering_is_a_violation(text: str, violation: str) -> None:
+    rt = v2_client()
+    received = rt.core.received_v2(text)
+    assert received.message is None
+    assert received.violation is not None
+    assert received.violation.startswith(violation)
+
+
+def test_v2_control_messages_and_unparseable_frames_pass_unnumbered() -> None:
+    rt = v2_client()
+    error = '{"type":"error","error_code":"INVALID_JSON","message":"m","timestamp":"t"}'
+    assert rt.core.received_v2(error).message == json.loads(error)
+    assert rt.core.received_v2("not json").message is None
+    assert rt.core.received_v2('{"type":"ping","timestamp":"t"}').reply is not None
+    # v1 keeps its ack and offset fields: they are the application's.
+    v1 = open_client()
+    assert v1.core.received_v2('{"type":"ack","id":"x"}').message == {"type": "ack", "id": "x"}
+
+
+def test_a_refused_resume_is_reported_once_and_hands_back_what_was_written() -> None:
+    rt = v2_client()
+    rt.core.offer('{"type":"a"}')
+    delivery = rt.core.delivery
+    assert delivery is not None
+    list(delivery.to_write())
+    rt.close(DROPPED)
+    rt.fire(Timer.RETRY)
+    rt.core.offer('{"type":"b"}')  # accepted during the outage, never written
+    rt.first_frame(v2_hello("S2", epoch="E2", resume_outcome="wrong_epoch"))
+    report = rt.core.take_resume_report()
+    assert report is not None
+    assert (report.outcome, report.resumed, report.session_id) == ("wrong_epoch", False, "S2")
+    assert report.returned == ('{"type":"a"}',)
+    assert rt.core.take_resume_report() is None
+    assert rt.core.take_returns() == [(NOT_ACKNOWLEDGED, ['{"type":"a"}'])]
+    assert rt.core.take_returns() == []
+    assert [p.text for p in delivery.outbox] == ['{"id":1,"type":"b"}']
+
+
+def test_a_resumed_session_reports_its_replay_and_loses_nothing() -> None:
+    rt = v2_client()
+    rt.core.offer('{"type":"a"}')
+    delivery = rt.core.delivery
+    assert delivery is not None
+    list(delivery.to_write())
+    rt.close(DROPPED)
+    rt.fire(Timer.RETRY)
+    rt.first_frame(v2_hello(resumed=True, resume_outcome="resumed", replayed=3))
+    report = rt.core.take_resume_report()
+    assert report is not None
+    assert (report.resumed, report.replayed, report.returned) == (True, 3, ())
+    assert rt.core.take_returns() == []
+    state = rt.core.snapshot().delivery
+    assert state is not None
+    assert (state.resent, state.replayed, state.unacknowledged) == (1, 3, 1)
+
+
+def test_an_unknown_resume_outcome_from_the_server_reads_as_an_unknown_session() -> None:
+    rt = v2_client()
+    rt.close(DROPPED)
+    rt.fire(Timer.RETRY)
+    rt.first_frame(v2_hello("S2", resume_outcome="something-new"))
+    report = rt.core.take_resume_report()
+    assert report is not None
+    assert report.outcome == "unknown_session"
+
+
+def test_a_v2_hello_lowers_the_largest_message_to_what_the_server_accepts() -> None:
+    rt = client(version=2)
+    rt.connect()
+    rt.first_frame(v2_hello(max_message_bytes=64))
+    with pytest.raises(ValueError, match=r"over max_message_bytes \(64\)"):
+        rt.core.prepare({"type": "t", "text": "x" * 64})
+
+
+def test_a_server_that_refuses_v2_with_4400_gets_a_v1_retry() -> None:
+    rt = v2_client()
+    delivery = rt.core.delivery
+    assert delivery is not None
+    rt.core.offer('{"type":"written"}')
+    list(delivery.to_write())
+    rt.close(DROPPED)
+    rt.core.offer('{"type":"unsent"}')
+    rt.fire(Timer.RETRY)
+    effects = rt.fail(CloseFailure(4400, "Unsupported version '2'"))
+    assert retry_delays(effects)  # retried, although 4400 is not retryable for a v1 client
+    assert rt.phase() is Phase.FAILED
+    assert rt.core.version == 1
+    assert rt.core.delivery is None
+    assert query(rt)["version"] == ["1"]
+    assert "session_id" not in query(rt)
+    assert rt.core.take_returns() == [(NOT_ACKNOWLEDGED, ['{"type":"written"}'])]
+    assert list(rt.core.queue) == ['{"type":"unsent"}']
+    state = rt.core.snapshot()
+    assert (state.protocol_version, state.delivery) == (1, None)
+    # From now on a 4400 is what it is for v1: not retryable.
+    rt.fire(Timer.RETRY)
+    rt.fail(CloseFailure(4400, "Unsupported version '1'"))
+    assert rt.phase() is Phase.FALLBACK
+
+
+def test_a_downgrade_with_nothing_written_hands_nothing_back() -> None:
+    rt = client(version=2)
+    rt.connect()
+    rt.core.offer('{"type":"a"}')
+    rt.fail(CloseFailure(4400, "Unsupported version '2'"))
+    assert rt.core.take_returns() == []
+    assert list(rt.core.queue) == ['{"type":"a"}']
+
+
+def test_idle_or_fallback_ends_the_session_and_hands_back_its_outbox_with_reasons() -> None:
+    rt = v2_client()
+    delivery = rt.core.delivery
+    assert delivery is not None
+    rt.core.offer('{"type":"written"}')
+    list(delivery.to_write())
+    rt.core.offer('{"type":"unsent"}')
+    rt.disconnect()
+    assert rt.core.take_returns() == [
+        (NOT_ACKNOWLEDGED, ['{"type":"written"}']),
+        (NOT_SENT, ['{"type":"unsent"}']),
+    ]
+    assert "session_id" not in query(rt)
+    # Fallback from the first attempts: nothing was ever written, all of it is "not sent".
+    fresh = client(version=2)
+    fresh.connect()
+    fresh.core.offer('{"type":"q"}')
+    fresh.fail(REJECTED)
+    assert fresh.phase() is Phase.FALLBACK
+    assert fresh.core.take_returns() == [(NOT_SENT, ['{"type":"q"}'])]
+    # An empty session ends without handing anything back.
+    empty = v2_client()
+    empty.disconnect()
+    assert empty.core.take_returns() == []

@@ -101,9 +101,10 @@ def test_after_a_resume_every_unacked_message_is_written_again_with_its_id() -> 
     client.received(1)
     client.closed()
     assert client.resume_query() == {"session_id": "s1", "epoch": "e1", "offset": "1"}
-    assert client.opened("s1", "e1", resumed=True) == []
+    assert client.opened("s1", "e1", resumed=True, replayed=4) == []
     assert outcome_of(client) is ResumeOutcome.RESUMED
     assert client.resent == 2
+    assert client.replayed == 4
     assert [p.id for p in client.to_write()] == [2, 3]
 
 
@@ -120,8 +121,20 @@ def test_a_refused_resume_hands_back_what_was_written_and_renumbers_the_rest() -
     assert [json.loads(p.text)["n"] for p in lost] == [1]
     assert client.last_outcome is ResumeOutcome.UNKNOWN_SESSION
     assert [(p.id, json.loads(p.text)["n"]) for p in client.outbox] == [(1, 2)]
+    assert client.renumbered == {2: 1}
     assert client.last_offset == 0
     assert client.resume_query()["session_id"] == "s2"
+
+
+def test_a_refused_resume_keeps_the_reason_the_server_gave() -> None:
+    client = ClientDelivery()
+    client.opened("s1", "e1", resumed=False)
+    client.opened("s2", "e2", resumed=False, outcome=ResumeOutcome.WRONG_EPOCH)
+    assert outcome_of(client) is ResumeOutcome.WRONG_EPOCH
+    # A server claiming "resumed" for a session it did not resume is not believed.
+    client.opened("s3", "e3", resumed=False, outcome=ResumeOutcome.RESUMED)
+    assert client.last_outcome is ResumeOutcome.UNKNOWN_SESSION
+    assert client.renumbered == {}
 
 
 def test_abandon_ends_the_session_and_returns_what_is_unacknowledged() -> None:
