@@ -4,6 +4,11 @@
 declared effects). The Mermaid diagram and the Markdown transition table are rendered from those
 rows here; the DOT/SVG renderer in ``steadysocket.runtime.diagrams`` reads the same rows. All
 output is deterministic, so a freshness check can compare bytes.
+
+``overview_edges()`` is the same rows reduced for a picture that stays readable at README width:
+one edge per pair of phases naming its events (guards left out), an event that leads to one phase
+from every phase drawn once from "any phase", and transitions that stay in their phase left out.
+The detailed diagram and the table keep everything.
 """
 
 from __future__ import annotations
@@ -94,6 +99,41 @@ def rows(machine: type[Lifecycle] = Lifecycle) -> list[Row]:
                     )
                 )
     return result
+
+
+@dataclass(frozen=True, slots=True)
+class OverviewEdge:
+    """One edge of the overview: every event that leads from ``source`` to ``target``.
+
+    ``source`` is ``None`` for an event that leads to ``target`` from every phase.
+    """
+
+    source: Phase | None
+    target: Phase
+    events: tuple[str, ...]
+
+
+def overview_edges(machine: type[Lifecycle] = Lifecycle) -> list[OverviewEdge]:
+    """The declaration's transitions merged for the overview, in declaration order."""
+    declared = rows(machine)
+    phases = {Phase(state.value) for state in machine.states}
+    sources: dict[tuple[str, Phase], set[Phase]] = {}
+    for row in declared:
+        sources.setdefault((row.event, row.target), set()).add(row.source)
+    merged: dict[tuple[Phase | None, Phase], list[str]] = {}
+    for row in declared:
+        if sources[(row.event, row.target)] == phases:
+            key: tuple[Phase | None, Phase] = (None, row.target)
+        elif row.internal:
+            continue
+        else:
+            key = (row.source, row.target)
+        events = merged.setdefault(key, [])
+        if row.event not in events:
+            events.append(row.event)
+    return [
+        OverviewEdge(source, target, tuple(events)) for (source, target), events in merged.items()
+    ]
 
 
 def mermaid(machine: type[Lifecycle] = Lifecycle) -> str:

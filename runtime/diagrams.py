@@ -2,7 +2,12 @@
 
 Outputs, relative to a project root:
 
-- ``diagrams/lifecycle.dot``: Graphviz source, built with the ``graphviz`` package (stable text);
+- ``diagrams/lifecycle-overview.dot`` and ``.svg``: the overview the README shows, readable at
+  README width: one edge per pair of phases naming its events, the application's ``disconnect``
+  and ``force_reconnect`` drawn once from "any phase", no guards and no transitions that stay in
+  their phase (``steadysocket.model.graph.overview_edges``);
+- ``diagrams/lifecycle.dot``: the detailed diagram, every transition with its guard; Graphviz
+  source, built with the ``graphviz`` package (stable text);
 - ``diagrams/lifecycle.svg``: rendered by Graphviz's ``dot`` binary;
 - ``diagrams/lifecycle.mmd``: Mermaid;
 - ``docs/transitions.md``: the transition table.
@@ -21,12 +26,20 @@ from pathlib import Path
 
 import graphviz
 
-from steadysocket.model.graph import GENERATED_NOTICE, markdown_table, mermaid, rows
+from steadysocket.model.graph import (
+    GENERATED_NOTICE,
+    markdown_table,
+    mermaid,
+    overview_edges,
+    rows,
+)
 from steadysocket.model.lifecycle import Lifecycle
 from steadysocket.model.snapshot import Phase
 
 logger = logging.getLogger(__name__)
 
+OVERVIEW_DOT_PATH = Path("diagrams/lifecycle-overview.dot")
+OVERVIEW_SVG_PATH = Path("diagrams/lifecycle-overview.svg")
 DOT_PATH = Path("diagrams/lifecycle.dot")
 SVG_PATH = Path("diagrams/lifecycle.svg")
 MERMAID_PATH = Path("diagrams/lifecycle.mmd")
@@ -83,6 +96,39 @@ def dot_graph(machine: type[Lifecycle] = Lifecycle) -> graphviz.Digraph:
     return graph
 
 
+ANY_PHASE = "any phase"
+
+
+def overview_graph(machine: type[Lifecycle] = Lifecycle) -> graphviz.Digraph:
+    """The overview: one edge per pair of phases, labelled with its events (no guards)."""
+    graph = graphviz.Digraph("lifecycle_overview", comment=GENERATED_NOTICE)
+    # Top to bottom, tight, one event per label line: about 900 pt wide, so the labels stay
+    # legible when a README shrinks the picture to its column (the detailed one is 2000 pt).
+    graph.attr(rankdir="TB", fontname="Helvetica", nodesep="0.25", ranksep="0.45")
+    graph.attr("node", shape="box", style="rounded,filled", fontname="Helvetica", fontsize="14")
+    graph.attr("edge", fontname="Helvetica", fontsize="12", arrowsize="0.7")
+    graph.node("start", label="", shape="point", width="0.15")
+    for state in machine.states:
+        phase = Phase(state.value)
+        graph.node(str(phase), label=str(phase), fillcolor=_PHASE_COLOURS[phase])
+    graph.edge("start", str(Phase.IDLE))
+    edges = overview_edges(machine)
+    if any(edge.source is None for edge in edges):
+        graph.node(ANY_PHASE, shape="plaintext", style="", fontcolor="#777777")
+    for edge in edges:
+        user = all(event in USER_EVENTS for event in edge.events)
+        colour = "#777777" if user else "black"
+        graph.edge(
+            ANY_PHASE if edge.source is None else str(edge.source),
+            str(edge.target),
+            label="\\n".join(edge.events),
+            style="dashed" if user else "solid",
+            color=colour,
+            fontcolor=colour,
+        )
+    return graph
+
+
 def render_svg(graph: graphviz.Digraph) -> str:
     """Render with the ``dot`` binary; raises DiagramError with a hint when it is missing."""
     try:
@@ -98,7 +144,10 @@ def render_svg(graph: graphviz.Digraph) -> str:
 def generate(machine: type[Lifecycle] = Lifecycle) -> dict[Path, str]:
     """Every generated file's path (relative to the project root) and its text."""
     graph = dot_graph(machine)
+    overview = overview_graph(machine)
     return {
+        OVERVIEW_DOT_PATH: overview.source,
+        OVERVIEW_SVG_PATH: render_svg(overview),
         DOT_PATH: graph.source,
         SVG_PATH: render_svg(graph),
         MERMAID_PATH: mermaid(machine),

@@ -5,7 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from steadysocket.model.effects import EFFECT_TYPES, CancelTimer, ResetBackoff, SendPing, Timer
-from steadysocket.model.graph import GENERATED_NOTICE, Row, markdown_table, mermaid, rows
+from steadysocket.model.graph import (
+    GENERATED_NOTICE,
+    Row,
+    markdown_table,
+    mermaid,
+    overview_edges,
+    rows,
+)
 from steadysocket.model.snapshot import Phase
 
 DOCS_TABLE = Path(__file__).resolve().parents[2] / "docs" / "transitions.md"
@@ -64,3 +71,31 @@ def test_the_markdown_table_numbers_every_row_and_documents_every_effect() -> No
 def test_the_committed_docs_table_is_what_the_declaration_renders() -> None:
     """The docs are generated: a lifecycle change must regenerate and commit them."""
     assert DOCS_TABLE.read_text(encoding="utf-8") == markdown_table()
+
+
+def test_the_overview_draws_the_applications_any_phase_actions_once() -> None:
+    edges = overview_edges()
+    anywhere = {edge.target: edge.events for edge in edges if edge.source is None}
+    assert anywhere == {Phase.IDLE: ("disconnect",), Phase.CONNECTING: ("force_reconnect",)}
+
+
+def test_the_overview_merges_parallel_edges_and_names_their_events_once() -> None:
+    edges = {(edge.source, edge.target): edge.events for edge in overview_edges()}
+    # Two guarded connection_lost rows and a peer_dead row lead from degraded to fallback.
+    assert edges[(Phase.DEGRADED, Phase.FALLBACK)] == ("connection_lost", "peer_dead")
+    assert edges[(Phase.IDLE, Phase.CONNECTING)] == ("connect",)
+    assert len(edges) == len(overview_edges())  # one edge per pair
+
+
+def test_the_overview_covers_every_transition_that_changes_phase_and_nothing_else() -> None:
+    edges = overview_edges()
+    drawn = {(edge.source, edge.target, event) for edge in edges for event in edge.events}
+    anywhere = {
+        (edge.target, event) for edge in edges if edge.source is None for event in edge.events
+    }
+    for row in rows():
+        if (row.target, row.event) in anywhere:
+            continue
+        assert ((row.source, row.target, row.event) in drawn) is not row.internal, row.id
+    assert all(edge.source is not edge.target for edge in edges)
+    assert sum(len(edge.events) for edge in edges) < len(rows())
