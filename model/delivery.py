@@ -222,11 +222,18 @@ class ClientDelivery:
     def to_write(self) -> Iterator[Pending]:
         """The outbox entries not yet written on this connection, in order; each is counted
         as written as it is taken."""
-        while self.written < len(self.outbox):
-            pending = self.outbox[self.written]
-            self.written += 1
-            self.ever_written = max(self.ever_written, pending.id)
+        while (pending := self.next_to_write()) is not None:
             yield pending
+
+    def next_to_write(self) -> Pending | None:
+        """The next outbox entry not yet written on this connection, counted as written now;
+        None when every entry was written."""
+        if self.written >= len(self.outbox):
+            return None
+        pending = self.outbox[self.written]
+        self.written += 1
+        self.ever_written = max(self.ever_written, pending.id)
+        return pending
 
     def acked(self, upto: int) -> list[Pending]:
         """The server acknowledged every id up to ``upto``: those leave the outbox."""

@@ -24,6 +24,12 @@ Delivery (protocol v1, at most once): a message ``send()`` accepted ends in exac
 written once to a socket (counted in ``messages_sent``), still queued, or handed back through
 ``on_returned`` / ``take_returned()``. A frame counts as written once the transport took it into
 its buffer; if the connection then drops, it may be lost, and it is never sent again.
+
+Delivery (protocol v2, ``version=2``, exactly once per session): a message ``send()`` accepted
+stays in the model's outbox (``ClientDelivery``) until the server acknowledges it, and is
+written again, with its id, after a resume; received messages are delivered in offset order,
+once. When a resume is refused, ``on_resume`` listeners hear it and what was written but not
+acknowledged is handed back with the reason "not acknowledged".
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import uuid
 import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from types import TracebackType
@@ -45,7 +52,15 @@ from typing import Any, Self
 
 from steadysocket.model.backoff import BackoffStrategy
 from steadysocket.model.classify import CloseFailure, ErrorFailure, ErrorKind, Failure, classify
-from steadysocket.model.client import ClientConfig, ClientCore, Offer
+from steadysocket.model.client import (
+    NOT_ACKNOWLEDGED,
+    NOT_SENT,
+    ClientConfig,
+    ClientCore,
+    Offer,
+    ResumeReport,
+)
+from steadysocket.model.delivery import DeliveryConfig, number
 from steadysocket.model.effects import (
     CancelTimer,
     CloseSocket,
@@ -79,11 +94,47 @@ DEFAULT_SEND_BUFFER_BYTES = 4 * DEFAULT_MAX_MESSAGE_BYTES
 DEFAULT_STREAM_BUFFER = 1000
 """Messages one ``messages()`` stream holds for a slow consumer before it drops new ones."""
 
+DEFAULT_REQUEST_TIMEOUT_S = 30.0
+"""How long ``request()`` waits for the reply unless told otherwise."""
+
 Sleep = Callable[[float], Awaitable[None]]
 StateListener = Callable[[WSState], None]
 MessageListener = Callable[[dict[str, Any]], None]
 ErrorListener = Callable[["WSError | ServerError"], None]
-ReturnListener = Callable[[list[dict[str, Any]]], None]
+ReturnListener = Callable[["Returned"], None]
+ResumeListener = Callable[["ResumeEvent"], None]
+
+
+class Returned(list[dict[str, Any]]):
+    """Messages handed back to the application (a list), with the ``reason``:
+
+    - ``"not sent"``: never written to any server;
+    - ``"not acknowledged"`` (v2): written, but the session that could have acknowledged them
+      is gone; the server may or may not have handled them.
+    """
+
+    def __init__(self, messages: list[dict[str, Any]], reason: str) -> None:
+        super().__init__(messages)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeEvent:
+    """What ``on_resume`` listeners hear after each v2 reconnect: whether the session resumed.
+
+    When ``resumed`` is False, the server's state for the old session is gone (``outcome``
+    says why: ``wrong_epoch`` after a server restart, ``unknown_session`` after the window,
+    ``trimmed`` when the history overflowed, ...): messages sent to the client in the gap are
+    lost, and ``returned`` holds what the client had written and not seen acknowledged (also
+    handed back through ``on_returned``). Resynchronise the application's state here.
+    """
+
+    resumed: bool
+    outcome: str
+    session_id: str
+    replayed: int
+    """Messages the server replays after this resume (0 when not resumed)."""
+    returned: tuple[dict[str, Any], ...]
 
 
 class WSError(Exception):
@@ -109,6 +160,17 @@ class ServerError(Exception):
         super().__init__(f"{error_code}: {message}")
         self.error_code = error_code
         self.message = message
+
+
+class RequestFailed(ConnectionError):
+    """``request()`` got no reply and never will. ``reason`` says why: "refused" (``send()``
+    would have returned False), "closed" (the manager went idle or into fallback before the
+    reply), "not acknowledged" (v2: the session was not resumed), or "connection lost" (v1:
+    written, then its connection dropped; it may or may not have been handled)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"request failed: {reason}")
+        self.reason = reason
 
 
 class ManagerClosed(RuntimeError):
@@ -246,6 +308,11 @@ class WebSocketManager:
     default limit); ``send_buffer_bytes`` bounds what ``send()`` accepts while open that the
     writer has not written yet (``send()`` returns False beyond it).
 
+    ``version=2`` asks for protocol v2 (exactly once per session, see the module docstring);
+    ``delivery`` sets its ack batching. ``send_queue_limit`` then bounds the messages not yet
+    acknowledged. A server that refuses v2 (4400) gets one retry in v1, and the manager runs v1
+    from then on (``WSState.protocol_version``).
+
     ``clock``, ``sleep``, ``rng`` and ``opener`` are for tests: a virtual clock and sleep, a
     seeded ``random.Random``, and an in-memory transport. The defaults are the real ones.
 
@@ -267,6 +334,7 @@ class WebSocketManager:
         stable_after_ms: float = 5_000,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         send_buffer_bytes: int = DEFAULT_SEND_BUFFER_BYTES,
+        delivery: DeliveryConfig | None = None,
         enabled: bool | None = None,
         clock: SystemClock | Any | None = None,
         sleep: Sleep | None = None,
@@ -294,6 +362,7 @@ class WebSocketManager:
             stable_after_ms=stable_after_ms,
             send_queue_limit=send_queue_limit,
             max_message_bytes=max_message_bytes,
+            delivery=delivery if delivery is not None else DeliveryConfig(),
         )
         backoff = backoff_strategy or BackoffStrategy.create_production_strategy(
             rng=rng if rng is not None else random.Random()
@@ -329,6 +398,13 @@ class WebSocketManager:
         self._message_listeners: list[MessageListener] = []
         self._error_listeners: list[ErrorListener] = []
         self._return_listeners: list[ReturnListener] = []
+        self._resume_listeners: list[ResumeListener] = []
+        self._requests: dict[int, asyncio.Future[Any]] = {}
+        """Requests waiting for their reply, by id (v2: the message id, renumbered with it)."""
+        self._v1_requests: dict[int, str] = {}
+        """v1: the encoded text of each waiting request, to tell written from still queued."""
+        self._next_request = 1
+        self._ack_handle: asyncio.TimerHandle | None = None
         self._phase_waiters: list[tuple[frozenset[Phase], asyncio.Future[Phase]]] = []
         self._streams: list[weakref.ref[MessageStream]] = []
         """Held weakly, so that a stream left with ``break`` is collected (and forgotten);
@@ -424,6 +500,8 @@ class WebSocketManager:
             for _, future in self._phase_waiters:
                 if not future.done():
                     future.set_exception(ManagerClosed("the WebSocketManager was destroyed"))
+            self._fail_requests(lambda: ManagerClosed("the WebSocketManager was destroyed"))
+            self._resume_listeners.clear()
             await self._stop_supervisor()
 
     def send(self, message: Mapping[str, Any]) -> bool:
@@ -442,6 +520,16 @@ class WebSocketManager:
                 message is longer than ``max_message_bytes``.
         """
         text = self._core.prepare(message)
+        return self._offer(text)
+
+    def _offer(self, text: str) -> bool:
+        if self._core.delivery is not None:
+            decision = self._core.offer(text)
+            if decision is Offer.SEND:
+                self._wake.set()
+            elif decision is not Offer.QUEUED:
+                logger.info("[WS] send refused (%s) in phase %s", decision, self.phase)
+            return decision is Offer.SEND or decision is Offer.QUEUED
         decision = self._core.offer(text)
         if decision is Offer.SEND:
             if self._outgoing_bytes + len(text) > self._send_buffer_bytes:
@@ -455,6 +543,58 @@ class WebSocketManager:
             return True
         logger.info("[WS] send refused (%s) in phase %s", decision, self.phase)
         return False
+
+    async def request(
+        self,
+        message: Mapping[str, Any],
+        *,
+        timeout: float | None = DEFAULT_REQUEST_TIMEOUT_S,  # noqa: ASYNC109 - PROTOCOL point 8
+    ) -> Any:
+        """Send ``message`` and return what the server's handler for it returned.
+
+        The server answers ``{"type":"reply","id":N,"result":R}``, correlated by ``id``: in v1
+        the manager adds ``id`` to the request (so the message may not carry one); in v2 every
+        message has its id, and a handler that returned None is answered by the ack alone. The
+        request is sent like ``send()`` sends: queued while reconnecting; in v2 re-sent after a
+        resume and handled once. Safe to call concurrently, from any task.
+
+        Raises:
+            ServerError: the handler raised (``error_code`` ``HANDLER_ERROR``).
+            TimeoutError: no reply within ``timeout`` seconds (None waits for ever). In v1 the
+                request may or may not have been handled.
+            RequestFailed: the request was refused (idle, fallback, queue full) or can no
+                longer be answered (handed back, or in v1 its connection dropped after it
+                was written).
+            ManagerClosed: the manager was (or is) destroyed.
+            TypeError, ValueError: as for ``send()``; a v1 request with an ``id`` field.
+        """
+        self._check_alive()
+        self._bind_loop()
+        core = self._core
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if core.delivery is None:
+            if "id" in message:
+                raise ValueError("request() numbers the message itself: remove the field id")
+            request_id = self._next_request
+            text = number(core.prepare(message), "id", request_id)
+            if not self._offer(text):
+                raise RequestFailed("refused")
+            self._next_request += 1
+            self._v1_requests[request_id] = text
+        else:
+            text = core.prepare(message)
+            if not self._offer(text):
+                raise RequestFailed("refused")
+            request_id = core.delivery.outbox[-1].id
+        self._requests[request_id] = future
+        try:
+            async with asyncio.timeout(timeout):
+                return await future
+        finally:
+            for key, waiting in tuple(self._requests.items()):
+                if waiting is future:
+                    del self._requests[key]
+                    self._v1_requests.pop(key, None)
 
     def ping(self) -> bool:
         """Send a client ``ping`` now (counted in ``heartbeats_sent``); False when not open."""
@@ -483,8 +623,15 @@ class WebSocketManager:
         return self._subscribe(self._error_listeners, listener)
 
     def on_returned(self, listener: ReturnListener) -> Callable[[], None]:
-        """Call ``listener(messages)`` with queued messages that can no longer be sent."""
+        """Call ``listener(messages)`` with messages that can no longer be sent (a
+        :class:`Returned` list: its ``reason`` is "not sent" or, in v2, "not acknowledged")."""
         return self._subscribe(self._return_listeners, listener)
+
+    def on_resume(self, listener: ResumeListener) -> Callable[[], None]:
+        """v2: call ``listener(event)`` (a :class:`ResumeEvent`) after every reconnect that
+        asked to resume its session, resumed or not; when ``event.resumed`` is False,
+        messages may have been lost in the gap: resynchronise."""
+        return self._subscribe(self._resume_listeners, listener)
 
     async def wait_for(self, *phases: Phase | str, timeout: float | None = None) -> Phase:  # noqa: ASYNC109
         """Wait until the phase is one of ``phases``.
@@ -670,6 +817,8 @@ class WebSocketManager:
                 case SendPing():
                     self._send_control(self._core.ping_text())
                 case FlushQueue():
+                    if self._core.delivery is not None:
+                        self._wake.set()  # the writer starts on the outbox
                     for text in self._core.take_queue():
                         self._outgoing.append(text)
                         self._outgoing_bytes += len(text)
@@ -678,6 +827,11 @@ class WebSocketManager:
                 case ReturnQueue():
                     self._salvage_outgoing()
                     self._hand_back(self._core.take_queue())
+        for reason, texts in self._core.take_returns():
+            self._hand_back(texts, reason)
+        report = self._core.take_resume_report()
+        if report is not None:
+            self._resumed(report)
         self._notify_phase()
 
     def _cancel_timer(self, timer: Timer) -> None:
@@ -689,6 +843,7 @@ class WebSocketManager:
         task, self._socket_task = self._socket_task, None
         transport, self._transport = self._transport, None
         self._control.clear()
+        self._connection_gone()
         if task is not None and task is not asyncio.current_task():
             task.cancel()
         if transport is not None:
@@ -805,10 +960,29 @@ class WebSocketManager:
             self._transport = None
             self._socket_task = None
             self._control.clear()
+            self._connection_gone()
             self._close(transport, code, reason)
+
+    def _connection_gone(self) -> None:
+        """The connection ended: its ack timer stops, and a v1 request written on it can no
+        longer be answered (one still queued or unwritten goes out on the next connection)."""
+        if self._ack_handle is not None:
+            self._ack_handle.cancel()
+            self._ack_handle = None
+        if not self._v1_requests:
+            return
+        queue, outgoing = self._core.queue, self._outgoing
+        for request_id, text in tuple(self._v1_requests.items()):
+            if text not in queue and text not in outgoing:
+                del self._v1_requests[request_id]
+                future = self._requests.pop(request_id, None)
+                if future is not None and not future.done():
+                    future.set_exception(RequestFailed("connection lost"))
 
     async def _read(self, transport: Transport) -> None:
         core = self._core
+        v2 = core.delivery is not None
+        receive = core.received_v2 if v2 else core.received
         while True:
             frame = await transport.recv()
             if isinstance(frame, bytes):
@@ -816,26 +990,109 @@ class WebSocketManager:
                 if binary_effects:
                     self._apply(binary_effects)
                 continue
-            received = core.received(frame)
+            received = receive(frame)
             if received.reply is not None:
                 self._send_control(received.reply)
             if received.effects:
                 self._apply(received.effects)
+            if v2:
+                if received.violation is not None:
+                    raise TransportClosed(
+                        ErrorFailure(ErrorKind.OTHER, f"protocol v2: {received.violation}")
+                    )
+                if received.acked is not None:
+                    self._acked(received.acked)
+                if self._ack_handle is None and (delay := core.ack_timer_wanted()) is not None:
+                    self._ack_handle = asyncio.get_running_loop().call_later(
+                        delay / 1000.0, self._ack_fire
+                    )
             message = received.message
             if message is not None:
-                if message.get("type") == "error":
-                    self._emit_error(
-                        ServerError(
-                            str(message.get("error_code", "error")), str(message.get("message", ""))
-                        )
-                    )
-                for listener in tuple(self._message_listeners):
-                    try:
-                        listener(message)
-                    except (Exception, asyncio.CancelledError):
-                        logger.exception("[WS] message listener raised")
-                if self._streams:
-                    self._to_streams(message)
+                self._deliver(message)
+
+    def _deliver(self, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        if kind == "error":
+            self._emit_error(
+                ServerError(
+                    str(message.get("error_code", "error")), str(message.get("message", ""))
+                )
+            )
+        elif kind == "reply" and self._requests and self._answer(message):
+            return
+        for listener in tuple(self._message_listeners):
+            try:
+                listener(message)
+            except (Exception, asyncio.CancelledError):
+                logger.exception("[WS] message listener raised")
+        if self._streams:
+            self._to_streams(message)
+
+    def _answer(self, reply: dict[str, Any]) -> bool:
+        """Settle the request a ``reply`` answers; False if none waits for it (a request that
+        timed out, or an application message of type "reply": the listeners get it)."""
+        request_id = reply.get("id")
+        if not isinstance(request_id, int) or isinstance(request_id, bool):
+            return False
+        future = self._requests.pop(request_id, None)
+        if future is None:
+            return False
+        self._v1_requests.pop(request_id, None)
+        if future.done():
+            return True
+        error = reply.get("error")
+        if isinstance(error, Mapping):
+            code, text = error.get("error_code", "error"), error.get("message", "")
+            future.set_exception(ServerError(str(code), str(text)))
+        else:
+            future.set_result(reply.get("result"))
+        return True
+
+    def _acked(self, upto: int) -> None:
+        """v2: the server acknowledged every id up to ``upto``: a request among them that got
+        no reply has its answer, None (its handler returned None)."""
+        for request_id in [key for key in self._requests if key <= upto]:
+            future = self._requests.pop(request_id)
+            if not future.done():
+                future.set_result(None)
+
+    def _ack_fire(self) -> None:
+        self._ack_handle = None
+        text = self._core.ack_due()
+        if text is not None:
+            self._send_control(text)
+
+    def _resumed(self, report: ResumeReport) -> None:
+        """A v2 hello that asked to resume: requests follow their messages (renumbered into
+        a new session, or failed with them), then ``on_resume`` listeners hear it."""
+        delivery = self._core.delivery
+        if not report.resumed and self._requests and delivery is not None:
+            requests, self._requests = self._requests, {}
+            for old_id, future in requests.items():
+                new_id = delivery.renumbered.get(old_id)
+                if new_id is not None:
+                    self._requests[new_id] = future
+                elif not future.done():
+                    future.set_exception(RequestFailed(NOT_ACKNOWLEDGED))
+        event = ResumeEvent(
+            resumed=report.resumed,
+            outcome=str(report.outcome),
+            session_id=report.session_id,
+            replayed=report.replayed,
+            returned=tuple(json.loads(text) for text in report.returned),
+        )
+        for listener in tuple(self._resume_listeners):
+            try:
+                listener(event)
+            except (Exception, asyncio.CancelledError):
+                logger.exception("[WS] resume listener raised")
+
+    def _fail_requests(self, error: Callable[[], BaseException]) -> None:
+        requests, self._requests = self._requests, {}
+        self._v1_requests.clear()
+        for future in requests.values():
+            if not future.done():
+                future.set_exception(error())
 
     def _to_streams(self, message: dict[str, Any]) -> None:
         # A method of its own: a loop variable in the reader's frame would keep the last
@@ -860,6 +1117,7 @@ class WebSocketManager:
         outgoing = self._outgoing
         control = self._control
         core = self._core
+        delivery = core.delivery
         loop = asyncio.get_running_loop()
         while True:
             await wake.wait()
@@ -869,12 +1127,24 @@ class WebSocketManager:
             deadline = asyncio.timeout_at(loop.time() + SEND_TIMEOUT_S)
             try:
                 async with deadline:
-                    while control or outgoing:
+                    while (
+                        control
+                        or outgoing
+                        or (delivery is not None and delivery.written < len(delivery.outbox))
+                    ):
                         now = loop.time()
                         if now + SEND_TIMEOUT_S - (deadline.when() or now) > 1.0:
                             deadline.reschedule(now + SEND_TIMEOUT_S)
                         if control:
                             await transport.send(control.popleft())
+                            continue
+                        if delivery is not None:
+                            # v2: the message stays in the outbox until acknowledged; a
+                            # refused write is written again on the next connection.
+                            pending = delivery.next_to_write()
+                            if pending is not None:
+                                core.messages_sent += 1
+                                await transport.send(pending.text)
                             continue
                         text = outgoing.popleft()
                         self._outgoing_bytes -= len(text)
@@ -914,21 +1184,32 @@ class WebSocketManager:
         self._outgoing_bytes = 0
         self._hand_back(self._core.requeue(unsent))
 
-    def _hand_back(self, texts: list[str]) -> None:
+    def _hand_back(self, texts: list[str], reason: str = NOT_SENT) -> None:
         if not texts:
             return
-        logger.info("[WS] handing %d unsent message(s) back to the application", len(texts))
+        logger.info("[WS] handing %d message(s) back to the application (%s)", len(texts), reason)
         # Decoded from the text that would have been sent: the message as the server would
         # have seen it, timestamp included.
         messages: list[dict[str, Any]] = [json.loads(text) for text in texts]
+        if self._v1_requests:
+            self._fail_handed_back(texts)
         if not self._return_listeners:
             self._returned.extend(messages)
             return
         for listener in tuple(self._return_listeners):
             try:
-                listener(list(messages))
+                listener(Returned(messages, reason))
             except (Exception, asyncio.CancelledError):
                 logger.exception("[WS] returned-message listener raised")
+
+    def _fail_handed_back(self, texts: list[str]) -> None:
+        handed = set(texts)
+        for request_id, text in tuple(self._v1_requests.items()):
+            if text in handed:
+                del self._v1_requests[request_id]
+                future = self._requests.pop(request_id, None)
+                if future is not None and not future.done():
+                    future.set_exception(RequestFailed("closed"))
 
     # -- listeners -----------------------------------------------------------------------
 
@@ -969,6 +1250,8 @@ class WebSocketManager:
         if phase is self._last_phase:
             return
         self._last_phase = phase
+        if self._requests and phase in (Phase.IDLE, Phase.FALLBACK):
+            self._fail_requests(lambda: RequestFailed("closed"))
         if self._state_listeners:
             state = self._core.snapshot()
             for listener in tuple(self._state_listeners):

@@ -325,7 +325,7 @@ class Script:
         return cls(Mode.BAD_HELLO, bad_text=text)
 
     @classmethod
-    def wrong_version(cls, version: int = 2, heartbeat_interval_ms: int = 25_000) -> Script:
+    def wrong_version(cls, version: int = 3, heartbeat_interval_ms: int = 25_000) -> Script:
         return cls(Mode.WRONG_VERSION, heartbeat_interval_ms, accepted_version=version)
 
     @classmethod

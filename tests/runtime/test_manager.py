@@ -212,7 +212,7 @@ def test_message_listeners_get_application_messages_but_not_hello_ping_or_pong()
         (Script.refuse(), "network", True, Phase.FAILED),
         (Script.drop(), "abnormal", True, Phase.FAILED),
         (Script.bad_hello(), "handshake", True, Phase.FAILED),
-        (Script.wrong_version(2), "handshake", False, Phase.FALLBACK),
+        (Script.wrong_version(3), "handshake", False, Phase.FALLBACK),
     ],
     ids=[
         "close-4401",
@@ -901,7 +901,7 @@ def real_manager(server: LoopbackServer, **kwargs: Any) -> WebSocketManager:
     [
         (Script.close(4401, "Invalid role 'x'"), "handshake"),
         (Script.reject(403), "handshake"),
-        (Script.wrong_version(2), "handshake"),
+        (Script.wrong_version(3), "handshake"),
     ],
     ids=["close-4401", "http-403", "wrong-version"],
 )

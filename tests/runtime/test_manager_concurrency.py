@@ -10,6 +10,7 @@ faults at random.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import gc
 import json
@@ -612,9 +613,7 @@ def test_a_manager_moves_to_a_new_event_loop_once_it_stopped_on_the_old_one() ->
             if m is None:
                 m = WebSocketManager(server.url, "loops", environ={})
             else:  # the same manager; the new loop's server listens on another port
-                m._core.url = m._core.url.replace(
-                    m._core.url.split("/")[2], f"127.0.0.1:{server.port}"
-                )
+                m._core.config = dataclasses.replace(m._core.config, base_url=server.url)
             await asyncio.gather(m.disconnect(), m.connect())
             await m.wait_for(Phase.OPEN, timeout=BOUND)
             for n in range(3):

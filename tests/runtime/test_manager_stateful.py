@@ -115,7 +115,7 @@ SCRIPTS: dict[str, Script] = {
     "silent": Script.silent(),
     "hang": Script.hang(),
     "bad hello": Script.bad_hello(),
-    "wrong version": Script.wrong_version(2, HEARTBEAT_MS),
+    "wrong version": Script.wrong_version(3, HEARTBEAT_MS),
     "late hello 400 ms": Script.late_hello(400, HEARTBEAT_MS),
     "late hello 2600 ms": Script.late_hello(2600, HEARTBEAT_MS),
 }
