@@ -122,3 +122,11 @@ def test_the_readme_testing_example_drops_the_link_and_its_test_passes() -> None
     tests = [value for name, value in namespace.items() if name.startswith("test_")]
     assert len(tests) == 1
     tests[0]()  # type: ignore[operator]
+
+
+def test_every_relative_link_in_the_readme_points_to_a_file_in_the_repository() -> None:
+    links = re.findall(r"\]\(([^)#]+)\)", README.read_text())
+    relative = [link for link in links if "://" not in link]
+    assert "docs/protocol.md" in relative
+    missing = [link for link in relative if not (README.parent / link).exists()]
+    assert missing == []
