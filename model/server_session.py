@@ -40,23 +40,29 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
-from typing import Any, Final
+from typing import Any, Final, TypeGuard
 from urllib.parse import unquote
 
+from steadysocket.model.delivery import Inbound, ResumeOutcome, SessionStore
+from steadysocket.model.delivery import ServerSession as DeliverySession
 from steadysocket.model.protocol import (
     Accept,
     CloseCode,
     Echo,
     ErrorCode,
+    HelloSession,
     MessageType,
     ProtocolError,
     Status,
+    ack_text,
     decode_text,
     encode,
     format_timestamp,
     make_error,
     make_hello,
     make_pong,
+    reply_error_text,
+    reply_text,
     truncate_reason,
     validate_query,
 )
@@ -77,10 +83,13 @@ __all__ = [
     "HEARTBEAT_TIMEOUT",
     "MAX_CLOSE_TIMEOUT_MS",
     "MAX_INTERVAL_MS",
+    "MAX_REPLY_ERROR_CHARS",
     "MESSAGE_TOO_BIG",
     "ORIGIN_FORBIDDEN",
+    "OUTBOX_OVERFLOW",
     "RATE_LIMITED",
     "SERVER_FULL",
+    "SESSION_RESUMED_ELSEWHERE",
     "SHUTDOWN",
     "UNSUPPORTED_LEGACY_DATA",
     "UPGRADE_REQUIRED",
@@ -141,10 +150,17 @@ class Close:
 class Deliver:
     """Hand ``message`` to the application's handler for ``message["type"]``.
 
-    The dict is the decoded frame; the session keeps no reference to it.
+    The dict is the decoded frame (in v2 without its ``id``); the session keeps no reference to
+    it. ``msg_id`` is the message's ``id`` in a v2 session: before running the handler the
+    runtime asks :meth:`ServerSession.check_id`, after it :meth:`ServerSession.handled`.
+    ``reply_to`` is the request id (docs/protocol.md v2 point 8): the handler's return value is
+    answered with :meth:`ServerSession.reply` (v1: a message with an integer ``id``; v2: every
+    application message).
     """
 
     message: dict[str, Any] = field(hash=False)
+    msg_id: int | None = None
+    reply_to: int | None = None
 
     @property
     def type(self) -> str:
@@ -170,6 +186,20 @@ SHUTDOWN: Final = Close(CloseCode.GOING_AWAY, "Server shutting down")
 
 UNSUPPORTED_LEGACY_DATA: Final = Close(1003, "Text frames only")
 """The legacy echo's answer to a binary frame: 1003 (unsupported data) is RFC 6455's code."""
+
+SESSION_RESUMED_ELSEWHERE: Final = Close(CloseCode.NORMAL, "Session resumed elsewhere")
+"""A v2 connection whose session was resumed by a newer connection (the server had not yet
+noticed the old one die): never two connections on one session. 1000, so a client that still
+holds this connection goes idle instead of resuming again (two holders would take the session
+from each other forever); the client that resumed is on the new connection."""
+
+OUTBOX_OVERFLOW: Final = Close(1013, "Outbox full: resume to receive the rest")
+"""A v2 connection's outbox refused a numbered message: the message is in the session's
+history, so rather than leave a silent gap the connection is closed with 1013 (Try Again
+Later, retryable), and the client's resume replays everything it has not acknowledged."""
+
+MAX_REPLY_ERROR_CHARS: Final = 500
+"""A failed request's ``error.message`` is cut to this many characters."""
 
 RATE_LIMITED: Final = Close(4429, "Rate limit exceeded")
 """A client sent frames faster than ``rate_limit_messages`` per ``rate_limit_window_ms``.
@@ -700,6 +730,21 @@ class Outbox:
         self.queued_bytes += size
         return True
 
+    def put(self, text: str) -> bool:
+        """Queue ``text`` whatever the limit (False only once sealed, uncounted).
+
+        For texts the server holds anyway, so queuing them costs no copy: a v2 replay, whose
+        texts stay in the session's history until the client acknowledges them.
+        """
+        if self.sealed:
+            return False
+        if self._items is None:
+            self._items = deque()
+        size = utf8_size(text)
+        self._items.append((text, size))
+        self.queued_bytes += size
+        return True
+
     def take(self) -> str | None:
         """The oldest queued text, removed; None when empty."""
         if not self._items:
@@ -832,8 +877,10 @@ class ServerSession:
         "_opened_at",
         "_timeout",
         "client_id",
+        "delivery",
         "heartbeat_count",
         "request_id",
+        "resume_outcome",
         "role",
         "state",
         "version",
@@ -861,6 +908,11 @@ class ServerSession:
         self._bucket: TokenBucket | None = None
         self._held = False
         self._client_id_json = '""'
+        self.delivery: DeliverySession | None = None
+        """v2: the delivery session this connection carries (``model/delivery.py``); shared
+        with the connection that resumes it. None in v1."""
+        self.resume_outcome: ResumeOutcome | None = None
+        """v2: what became of the session asked for when this connection opened."""
 
     # ---- opening ---------------------------------------------------------------------------
 
@@ -871,6 +923,8 @@ class ServerSession:
         now: float,
         wall: datetime,
         request_id: str,
+        sessions: SessionStore | None = None,
+        new_session_id: str = "",
     ) -> list[Action]:
         """Validate the query of an accepted upgrade; answer with the hello or a refusal.
 
@@ -878,21 +932,53 @@ class ServerSession:
         the client as a close frame (PROTOCOL Server 1). Returns ``[SendText(hello)]`` and
         starts the ping schedule at ``now``, or ``[Close(code, reason)]`` (4400, 4401, 1008).
 
+        Protocol v2 is accepted only with ``sessions``, the server's :class:`SessionStore`
+        (without it ``version=2`` is refused with 4400, as a v1-only server does). A v2 client
+        gets its session from :meth:`SessionStore.open` (``now`` in ms is its clock; a fresh
+        session is named ``new_session_id``, a random token the caller drew): the hello carries
+        its fields, and the actions after the hello are the replay, in order, which the runtime
+        writes before anything else. :attr:`delivery` and :attr:`resume_outcome` tell the rest.
+
         Raises:
             RuntimeError: the session was already opened; a bug in the runtime, not the peer.
         """
         if self.state is not SessionState.NEW:
             raise RuntimeError(f"open() on a session that is {self.state.value}")
-        decision = validate_query(query)
+        decision = validate_query(query, accept_v2=sessions is not None)
         if not isinstance(decision, Accept):
             self.state = SessionState.CLOSED
             return [Close(decision.code, decision.reason)]
+        hello_session: HelloSession | None = None
+        replay: tuple[str, ...] = ()
+        if decision.version == 2:
+            assert sessions is not None  # validate_query refuses version 2 without a store
+            opened = sessions.open(
+                decision.client_id,
+                str(decision.role),
+                decision.resume,
+                now_ms=now * 1000,
+                new_session_id=new_session_id,
+            )
+            self.delivery, self.resume_outcome, replay = (
+                opened.session,
+                opened.outcome,
+                opened.replay,
+            )
+            hello_session = HelloSession(
+                session_id=opened.session.session_id,
+                epoch=sessions.epoch,
+                resumed=opened.resumed,
+                max_message_bytes=self._config.max_message_bytes,
+                resume_outcome=opened.outcome.value,
+                replayed=len(replay),
+            )
         hello = make_hello(
             now=wall,
             client_id=decision.client_id,
             request_id=request_id,
             heartbeat_interval_ms=self._config.heartbeat_interval_ms,
             version=decision.version,
+            session=hello_session,
         )
         self.state = SessionState.OPEN
         self.client_id = decision.client_id
@@ -903,7 +989,7 @@ class ServerSession:
         self._opened_at = now
         self._next_ping_at = now + self._interval
         self._bucket = self._config.new_bucket(now)
-        return [SendText(hello.serialize())]
+        return [SendText(hello.serialize()), *(SendText(text) for text in replay)]
 
     def fail_handshake(self) -> list[Action]:
         """The runtime failed while accepting or sending the hello: close with 4500."""
@@ -923,7 +1009,14 @@ class ServerSession:
           error ``INVALID_MESSAGE``; the connection stays open;
         - over ``max_message_bytes`` → close 1009;
         - over the rate limit (any frame counts, malformed or not) → close 4429;
-        - any other ``type`` → :class:`Deliver`.
+        - any other ``type`` → :class:`Deliver`; in v1 a message with an integer ``id`` is a
+          request (``reply_to``) and keeps its ``id``.
+
+        In v2 (docs/protocol.md, Protocol v2, points 3, 4, 8): ``ack`` is the client's
+        cumulative ack of ``offset`` (trims the history; an offset never sent, or no
+        non-negative integer ``offset``, is error ``INVALID_MESSAGE``); every other application
+        message must carry an integer ``id`` >= 1 (else error ``INVALID_MESSAGE``, the message
+        is dropped) and is delivered without it, with ``msg_id`` and ``reply_to`` set.
 
         Any frame, even a malformed one, counts as a sign of life for the dead-client rule.
         """
@@ -947,7 +1040,31 @@ class ServerSession:
             return []
         if kind == MessageType.STATUS:
             return [SendText(self.status(now=now, wall=wall).serialize())]
-        return [Deliver(message)]
+        msg_id = message.get("id")
+        if self.delivery is None:
+            return [Deliver(message, reply_to=msg_id if _is_int(msg_id) else None)]
+        if kind == "ack":
+            return self._client_ack(message.get("offset"), wall)
+        if not _is_int(msg_id) or msg_id < 1:
+            problem = f"protocol v2: a {kind!r} message needs an integer 'id' >= 1, got {msg_id!r}"
+            return [self._error(wall, _cut(problem))]
+        del message["id"]
+        return [Deliver(message, msg_id=msg_id, reply_to=msg_id)]
+
+    def _client_ack(self, offset: object, wall: datetime) -> list[Action]:
+        assert self.delivery is not None
+        if not _is_int(offset) or offset < 0:
+            problem = f"protocol v2: an ack needs an integer 'offset' >= 0, got {offset!r}"
+            return [self._error(wall, _cut(problem))]
+        if not self.delivery.client_acked(offset):
+            last = self.delivery.next_offset - 1
+            problem = f"protocol v2: ack of offset {offset}, but the last offset sent is {last}"
+            return [self._error(wall, _cut(problem))]
+        return []
+
+    @staticmethod
+    def _error(wall: datetime, problem: str) -> SendText:
+        return SendText(make_error(wall, ErrorCode.INVALID_MESSAGE, problem).serialize())
 
     def receive_bytes(self, data: bytes, *, now: float, wall: datetime) -> list[Action]:
         """A binary frame arrived: error ``UNSUPPORTED_DATA``; stays open (1009 if oversize,
@@ -1049,6 +1166,90 @@ class ServerSession:
             self._next_ping_at += missed * self._interval
         return [SendText(text)]
 
+    # ---- v2: ids in, acks out ---------------------------------------------------------------
+
+    def check_id(self, action: Deliver, *, wall: datetime) -> tuple[Inbound, SendText | None]:
+        """Whether to run the handler of a v2 message now (before each attempt to).
+
+        ``DELIVER``: run it, then call :meth:`handled` (or :meth:`interrupted`).
+        ``DUPLICATE``: already handled; do not run it, write the ack returned, at once.
+        ``GAP``: an id was skipped; write the ``INVALID_MESSAGE`` error returned, drop it.
+        ``BUSY``: a handler of this session (started on a connection it replaced) still runs;
+        wait for it to return, then ask again. A v1 message (no ``msg_id``) is always DELIVER.
+        """
+        if self.delivery is None or action.msg_id is None:
+            return Inbound.DELIVER, None
+        verdict, ack = self.delivery.inbound(action.msg_id)
+        if verdict is Inbound.DUPLICATE:
+            assert ack is not None
+            return verdict, self._ack(ack, wall)
+        if verdict is Inbound.GAP:
+            expected = self.delivery.last_handled + 1
+            problem = f"protocol v2: id {action.msg_id} skips ids (expected {expected}); dropped"
+            return verdict, self._error(wall, _cut(problem))
+        return verdict, None
+
+    def handled(self, action: Deliver, *, wall: datetime) -> SendText | None:
+        """The handler of a v2 message returned (or raised): the ack to write now, after
+        anything it sent, or None (batched: arm the ack timer if :attr:`ack_timer_wanted`)."""
+        if self.delivery is None or action.msg_id is None:
+            return None
+        ack = self.delivery.handled(action.msg_id)
+        return None if ack is None else self._ack(ack, wall)
+
+    def interrupted(self, action: Deliver) -> None:
+        """The handler of a v2 message was cancelled before it returned: not handled, so its
+        re-send runs it."""
+        if self.delivery is not None and action.msg_id is not None:
+            self.delivery.interrupted(action.msg_id)
+
+    @property
+    def ack_timer_wanted(self) -> bool:
+        """v2: an ack is owed and no timer runs for it: arm one for ``ack_interval_ms`` and
+        call :meth:`ack_due` when it fires."""
+        return self.delivery is not None and self.delivery.ids.timer_wanted
+
+    def ack_timer_armed(self, armed: bool) -> None:
+        """The runtime armed (True) or dropped (False) the ack timer."""
+        if self.delivery is not None:
+            self.delivery.ids.timer_armed = armed
+
+    def ack_due(self, *, wall: datetime) -> SendText | None:
+        """The ack timer fired: the ack to write, or None if nothing is owed."""
+        if self.delivery is None:
+            return None
+        ack = self.delivery.ids.due()
+        return None if ack is None else self._ack(ack, wall)
+
+    @staticmethod
+    def _ack(upto: int, wall: datetime) -> SendText:
+        return SendText(ack_text("id", upto, format_timestamp(wall)))
+
+    # ---- request / reply (docs/protocol.md, v2 point 8; both versions) ----------------------
+
+    def reply(self, action: Deliver, result: object) -> str | None:
+        """The reply to a request whose handler returned ``result``, or None when none is due:
+        the message was no request, or (v2) the handler returned None (the ack covering its
+        id answers it). In v1 a request is always answered, ``"result": null`` included.
+
+        Raises:
+            TypeError, ValueError: ``result`` cannot be encoded as JSON (answer with
+                :meth:`reply_error` instead).
+        """
+        if action.reply_to is None or (result is None and action.msg_id is not None):
+            return None
+        return reply_text(action.reply_to, result)
+
+    def reply_error(self, action: Deliver, problem: str) -> str | None:
+        """The reply to a request whose handler raised (or returned what JSON cannot encode):
+        ``{"type":"reply","id":N,"error":{"error_code":"HANDLER_ERROR","message":...}}``, the
+        message cut to :data:`MAX_REPLY_ERROR_CHARS`; None when the message was no request."""
+        if action.reply_to is None:
+            return None
+        if len(problem) > MAX_REPLY_ERROR_CHARS:
+            problem = problem[: MAX_REPLY_ERROR_CHARS - 1] + "…"
+        return reply_error_text(action.reply_to, ErrorCode.HANDLER_ERROR, problem)
+
     # ---- replies the application asks for ---------------------------------------------------
 
     def status(self, *, now: float, wall: datetime) -> Status:
@@ -1097,6 +1298,19 @@ class ServerSession:
     def connection_lost(self) -> None:
         """The socket is gone, however it ended; the session stops scheduling."""
         self.state = SessionState.CLOSED
+
+
+def _is_int(value: object) -> TypeGuard[int]:
+    # bool is an int subclass, but true/false is never an id or an offset.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+_PROBLEM_LIMIT: Final = 200
+
+
+def _cut(problem: str) -> str:
+    """Bound an error text that quotes what the peer sent (an id of 4,000 digits)."""
+    return problem if len(problem) <= _PROBLEM_LIMIT else problem[: _PROBLEM_LIMIT - 1] + "…"
 
 
 def is_sendable_close_code(code: object) -> bool:

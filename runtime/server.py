@@ -58,14 +58,17 @@ import gc
 import http
 import logging
 import os
+import secrets
 import signal
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from ssl import SSLContext
 from types import TracebackType
 from typing import (
     Any,
+    ClassVar,
     Literal,
     Protocol,
     Self,
@@ -82,9 +85,13 @@ from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import Event, State
 
+from steadysocket.model.delivery import DeliveryConfig, Inbound, SessionStore
+from steadysocket.model.delivery import ServerSession as DeliverySession
 from steadysocket.model.protocol import CloseCode, MessageType
 from steadysocket.model.server_session import (
+    OUTBOX_OVERFLOW,
     RATE_LIMITED,
+    SESSION_RESUMED_ELSEWHERE,
     SHUTDOWN,
     UPGRADE_REQUIRED,
     Action,
@@ -126,8 +133,13 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-MessageHandler = Callable[[dict[str, Any], "Client"], Awaitable[None]]
-"""``async def handler(message, client)``: one application message and the client it came from."""
+MessageHandler = Callable[[dict[str, Any], "Client"], Awaitable[Any]]
+"""``async def handler(message, client)``: one application message and the client it came from.
+
+What it returns answers a request (docs/protocol.md, v2 point 8): a JSON value, sent back as
+``{"type":"reply","id":N,"result":...}`` when the message was a request (v1: it carried an
+integer ``id``; v2: any message, and only a value other than None is sent). Otherwise the
+return value is ignored."""
 
 ConnectHook = Callable[["Client"], Awaitable[None]]
 """``async def hook(client)``: after the hello was queued, before the first handler runs."""
@@ -151,6 +163,21 @@ def _utc_now() -> datetime:
 
 def _new_request_id() -> str:
     return str(uuid.uuid4())
+
+
+def _new_token() -> str:
+    """A session id or epoch: 128 random bits, URL-safe (22 characters)."""
+    return secrets.token_urlsafe(16)
+
+
+def _describe_exception(exc: BaseException) -> str:
+    """``ExcType: message`` for a failed request's reply (a broken ``__str__`` included)."""
+    try:
+        text = str(exc)
+    except Exception:
+        text = "<unprintable>"
+    name = type(exc).__name__
+    return f"{name}: {text}" if text else name
 
 
 def _peer(ws: ServerConnection) -> str:
@@ -391,8 +418,8 @@ class _Flag:
 
     __slots__ = ("_set", "_waiters")
 
-    def __init__(self) -> None:
-        self._set = False
+    def __init__(self, *, is_set: bool = False) -> None:
+        self._set = is_set
         self._waiters: list[asyncio.Future[None]] | None = None
 
     def is_set(self) -> bool:
@@ -447,6 +474,8 @@ class _Conn:
         "inbox",
         "inbox_changed",
         "link",
+        "live",
+        "on_end",
         "outbox",
         "reader",
         "refusing",
@@ -503,6 +532,10 @@ class _Conn:
         self.send_scope: asyncio.Timeout | None = None
         self.body_scope: asyncio.Timeout | None = None
         self.task_scope: asyncio.Timeout | None = None
+        self.live: _LiveSession | None = None
+        """v2: the session this connection carries (None in v1 and on the legacy echo)."""
+        self.on_end: Callable[[], None] | None = None
+        """Called once when the connection ends (a v2 connection detaches from its session)."""
 
     def mark_ended(self) -> None:
         if self.ended.is_set():
@@ -510,6 +543,9 @@ class _Conn:
         self.link.close_record.lost()  # a no-op when a close came first
         if self.session is not None:
             self.session.connection_lost()
+        on_end, self.on_end = self.on_end, None
+        if on_end is not None:
+            on_end()
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -519,6 +555,24 @@ class _Conn:
         self.wake.set()
         self.inbox_changed.set()
         self.space.set()
+
+
+@dataclass(slots=True, eq=False)
+class _LiveSession(DeliverySession):
+    """A v2 session (the model's rules) with what the runtime keeps beside them."""
+
+    conn: _Conn | None = None
+    """The connection carrying the session now; None while it is disconnected."""
+    idle: _Flag = field(default_factory=lambda: _Flag(is_set=True))
+    """Set while no handler of the session runs (a resumed connection's BUSY waits on it)."""
+    ack_timer: asyncio.TimerHandle | None = None
+    """The batched ack's timer: one ``call_later`` handle per session, while connected."""
+
+
+class _Store(SessionStore):
+    """The server's sessions, made as :class:`_LiveSession`."""
+
+    session_class: ClassVar[type[DeliverySession]] = _LiveSession
 
 
 def _no_ping_listener() -> None:
@@ -577,6 +631,17 @@ class Client:
         return self._session.request_id
 
     @property
+    def version(self) -> int:
+        """The protocol version this connection speaks: 1 or 2."""
+        return self._session.version
+
+    @property
+    def session_id(self) -> str | None:
+        """v2: the session this connection carries (its hello's ``session_id``); None in v1."""
+        delivery = self._session.delivery
+        return None if delivery is None else delivery.session_id
+
+    @property
     def remote_address(self) -> str:
         """``host:port`` of the peer."""
         return self._conn.link.remote_address
@@ -605,19 +670,26 @@ class Client:
         is closing or closed, or when its outbox is full (``max_outbox_bytes``; counted in
         ``refused_pushes``).
 
+        In v2 the message is numbered (``offset``) and kept in the session's history until the
+        client acknowledges it, and it goes to whichever connection carries the session now
+        (a resume moves it). Returns True when it was kept: it is delivered on this connection
+        or, after a drop, on the resume within the window. A full outbox then closes the
+        connection with 1013 (the resume replays it); False only once the session is gone
+        (expired, or replaced by a fresh session of the same client id) and disconnected.
+
         Raises:
             ValueError: the message has no string ``type``, or holds NaN or a cycle.
             TypeError: the message holds something that is not JSON.
         """
         text = encode_server_message(message, self._endpoints._wall_clock())
-        queued = self._endpoints._push(self._conn, text)
+        queued = self._endpoints._send_app(self._conn, text)
         await asyncio.sleep(0)
         return queued
 
     async def echo(self, message: Mapping[str, Any]) -> bool:
         """Queue the default handler's ``echo`` of ``message``; as :meth:`send`."""
         action = self._session.echo(message, wall=self._endpoints._wall_clock())
-        queued = self._endpoints._push(self._conn, action.text)
+        queued = self._endpoints._send_app(self._conn, action.text)
         await asyncio.sleep(0)
         return queued
 
@@ -645,7 +717,8 @@ class Client:
 
 
 async def echo_handler(message: dict[str, Any], client: Client) -> None:
-    """The default handler: ``{"type":"echo","original_message",...}`` back to the sender."""
+    """The default handler: ``{"type":"echo","original_message",...}`` back to the sender
+    (returns None: in v2 a request it answers is resolved by the ack)."""
     await client.echo(message)
 
 
@@ -666,6 +739,7 @@ class EndpointOptions(TypedDict, total=False):
     rate_limit_messages: int | None
     rate_limit_window_ms: int | None
     max_outbox_bytes: int | None
+    delivery: DeliveryConfig | None
     gc_policy: GcPolicy | None
     environ: Mapping[str, str] | None
     default_handler: MessageHandler
@@ -697,8 +771,16 @@ class Endpoints:
     check and the connection cap happen before the upgrade, so they are the transport adapter's
     to carry out (:meth:`admission`); the rate limit is the session's.
 
+    Protocol v2 (docs/protocol.md, "Protocol v2"): a client asking ``version=2`` gets a
+    session from :attr:`sessions` (one per server object, under one random ``epoch``): every
+    application message to it is numbered and kept until acknowledged, every message from it is
+    handled once per ``id`` and acknowledged after its handler returned, and a reconnect within
+    the window resumes (replay, then go on). v1 clients are served exactly as before.
+
     Args:
         config: complete settings; not combinable with the individual settings.
+        delivery: v2's window, history length and ack batching
+            (:class:`~steadysocket.model.delivery.DeliveryConfig`; its defaults when None).
         environ: where to read the variables (``os.environ`` by default).
         default_handler: handler for types with no :meth:`on_message` registration;
             :func:`echo_handler` by default.
@@ -722,6 +804,7 @@ class Endpoints:
         rate_limit_messages: int | None = None,
         rate_limit_window_ms: int | None = None,
         max_outbox_bytes: int | None = None,
+        delivery: DeliveryConfig | None = None,
         gc_policy: GcPolicy | None = DEFAULT_GC_POLICY,
         environ: Mapping[str, str] | None = None,
         default_handler: MessageHandler = echo_handler,
@@ -770,6 +853,12 @@ class Endpoints:
         self._opened_since_freeze = 0
         self.refused_pushes = 0
         """Pushes refused because the connection's outbox was full (``max_outbox_bytes``)."""
+        self.delivery = DeliveryConfig() if delivery is None else delivery
+        """Protocol v2's bounds and ack batching (``model/delivery.py``)."""
+        self.sessions: SessionStore = _Store(_new_token(), self.delivery)
+        """The v2 sessions of this server, under one ``epoch`` drawn at construction (a new
+        server object is a new epoch: no session of another one resumes here)."""
+        self._expiry_timer: asyncio.TimerHandle | None = None
 
     # ---- registration -------------------------------------------------------------------
 
@@ -782,6 +871,15 @@ class Endpoints:
         frames are still read (pongs keep it alive); after 16 unhandled messages the server
         stops reading it, and that pause counts neither as the client's silence nor against its
         rate limit. An exception is logged and the connection stays open.
+
+        Request / reply: a handler may return a JSON value. For a request (v1: a message with
+        an integer ``id``, which the handler sees; v2: every message, seen without its ``id``)
+        the server answers ``{"type":"reply","id":N,"result":R}`` once the handler returned
+        (v1 always, ``null`` included; v2 only for a value other than None, as a numbered
+        message; otherwise the ack covering ``id`` answers it). A handler that raises, or
+        returns what JSON cannot encode, is answered ``{"type":"reply","id":N,"error":
+        {"error_code":"HANDLER_ERROR","message":"<ExcType>: <text>"}}`` and logged. In v2 a
+        handler runs once per ``id``: a re-sent message it already handled is only acked.
 
         Raises:
             ValueError: ``ping``, ``pong`` and ``status`` are answered by the protocol itself.
@@ -829,32 +927,52 @@ class Endpoints:
         """Queue ``message`` for every connection of ``client_id``; returns how many took it.
 
         A ``timestamp`` is added if the message has none. Never waits on a peer (see
-        :meth:`Client.send`).
+        :meth:`Client.send`). The count is the v1 connections that queued it plus the v2
+        sessions that kept it: a v2 session counts once, connected or not, since a session
+        disconnected but within the window keeps the message and delivers it on resume.
 
         Raises:
             ValueError, TypeError: the message cannot be encoded (see :meth:`Client.send`).
         """
         text = encode_server_message(message, self._wall_clock())
-        queued = self._push_all(tuple(self._clients.get(client_id, ())), text)
+        peers = tuple(self._clients.get(client_id, ()))
+        queued = self._push_all(peers, self.sessions.of_client(client_id), text)
         await asyncio.sleep(0)
         return queued
 
     async def broadcast(self, message: Mapping[str, Any]) -> int:
-        """Queue ``message`` for every connected ``/ws/client`` peer; returns how many took it.
+        """Queue ``message`` for every ``/ws/client`` peer; returns how many took it.
 
         Each connection has its own bounded outbox and writer, so this returns at once: a
-        stalled, slow or half-open peer holds up neither the caller nor the other clients.
+        stalled, slow or half-open peer holds up neither the caller nor the other clients. As
+        :meth:`send_to`, v2 sessions disconnected but within the window are reached too (kept
+        for the resume), and the count is v1 connections plus v2 sessions.
 
         Raises:
             ValueError, TypeError: the message cannot be encoded (see :meth:`Client.send`).
         """
         text = encode_server_message(message, self._wall_clock())
-        queued = self._push_all(self.clients, text)
+        queued = self._push_all(self.clients, self.sessions.sessions.values(), text)
         await asyncio.sleep(0)  # let the writers run between broadcasts
         return queued
 
-    def _push_all(self, clients: Iterable[Client], text: str) -> int:
-        return sum(self._push(client._conn, text) for client in clients)
+    def _push_all(
+        self, clients: Iterable[Client], sessions: Iterable[DeliverySession], text: str
+    ) -> int:
+        """Push to each v1 connection, publish into each v2 session once (a session's live
+        connection may have been replaced by a fresh session, and is then not in the store)."""
+        queued = 0
+        live: dict[int, _LiveSession] = {}
+        for client in clients:
+            conn = client._conn
+            if conn.live is None:
+                queued += self._push(conn, text)
+            else:
+                live[id(conn.live)] = conn.live
+        for session in sessions:
+            assert isinstance(session, _LiveSession)
+            live[id(session)] = session
+        return queued + sum(self._publish(session, text) for session in live.values())
 
     # ---- the garbage collector -----------------------------------------------------------
 
@@ -920,6 +1038,7 @@ class Endpoints:
         wait for its own connection, which ends once that hook or handler returns.
         """
         self._stopping = True
+        self._stop_expiry()
         loop = asyncio.get_running_loop()
         own = _CURRENT.get()
         for conn in tuple(self._conns):
@@ -960,7 +1079,51 @@ class Endpoints:
 
     # ---- carrying out actions (all synchronous: nothing here waits on a peer) -------------
 
-    def _push(self, conn: _Conn, text: str) -> bool:
+    def _send_app(self, conn: _Conn, text: str) -> bool:
+        """An application message to this connection's client: v1 pushed, v2 published."""
+        if conn.live is None:
+            return self._push(conn, text)
+        return self._publish(conn.live, text)
+
+    def _publish(self, session: _LiveSession, text: str) -> bool:
+        """Number ``text`` in a v2 session, keep it in its history and write it to the
+        connection carrying the session, if any. False when the session is gone (no longer
+        in the store, and disconnected): nothing could ever deliver it."""
+        target = session.conn
+        if target is None and self.sessions.sessions.get(session.session_id) is not session:
+            return False
+        numbered = session.publish(text)
+        if (
+            target is not None
+            and target.closing is None
+            and not target.ended.is_set()
+            and not self._push(target, numbered)
+        ):
+            # In the history, but not on its way: close rather than leave a silent gap; the
+            # client resumes and gets the replay.
+            logger.warning(
+                "closing %s (session %s): its outbox is full; it resumes to catch up",
+                target.link.remote_address,
+                session.session_id[:6],
+            )
+            self._close_with(target, OUTBOX_OVERFLOW)
+        return True
+
+    def _send_control(self, session: _LiveSession, text: str) -> None:
+        """A v2 control frame (an ack) to the connection carrying ``session``, if any; not kept
+        (a lost ack is asked for again by the client's re-send)."""
+        if session.conn is not None:
+            self._push(session.conn, text)
+
+    def _close_with(self, conn: _Conn, close: Close) -> None:
+        """Close a ``/ws/client`` connection on the server's own initiative."""
+        if conn.session is not None:
+            conn.session.close(close.code, close.reason)
+        self._request_close(conn, close)
+
+    def _push(self, conn: _Conn, text: str, *, force: bool = False) -> bool:
+        """Write ``text`` at once or queue it; ``force`` queues it past the outbox's limit (a
+        v2 replay, whose texts the history holds anyway)."""
         if conn.closing is not None or conn.ended.is_set():
             return False
         direct = conn.direct
@@ -972,7 +1135,7 @@ class Endpoints:
                 self._start_writer(conn)
                 conn.wake.set()
             return True
-        if conn.outbox.offer(text):
+        if conn.outbox.put(text) if force else conn.outbox.offer(text):
             conn.refusing = False
             self._start_writer(conn)
             conn.wake.set()
@@ -1060,12 +1223,145 @@ class Endpoints:
             reader.cancel()  # a TaskGroup ignores a child cancelled from outside
         conn.mark_ended()
 
-    async def _deliver(self, client: Client, action: Deliver) -> None:
+    async def _deliver(self, conn: _Conn, client: Client, action: Deliver) -> None:
+        """Run the handler of one message; in v2 once per id, acked after it returned; answer
+        a request with its result (docs/protocol.md, v2 points 3 and 8)."""
+        session = conn.session
+        assert session is not None
+        live = conn.live if action.msg_id is not None else None
+        if live is not None:
+            while True:
+                verdict, answer = session.check_id(action, wall=self._wall_clock())
+                if verdict is not Inbound.BUSY:
+                    break
+                # A handler of this session, started on the connection this one replaced,
+                # still runs: the next id waits for it (it may be this one's duplicate).
+                await live.idle.wait()
+            if answer is not None:
+                if verdict is Inbound.DUPLICATE:
+                    self._send_control(live, answer.text)
+                else:
+                    logger.info("%s: %s", client.client_id, verdict.value)
+                    self._push(conn, answer.text)
+            if verdict is not Inbound.DELIVER:
+                return
+            live.idle.clear()
         handler = self._handlers.get(action.type, self._default_handler)
+        reply: str | None
         try:
-            await handler(action.message, client)
-        except Exception:
+            result = await handler(action.message, client)
+        except Exception as exc:
             logger.exception("handler for %r failed (client %s)", action.type, client.client_id)
+            reply = session.reply_error(action, _describe_exception(exc))
+        except BaseException:
+            if live is not None:  # cancelled before it returned: not handled
+                session.interrupted(action)
+                live.idle.set()
+            raise
+        else:
+            try:
+                reply = session.reply(action, result)
+            except (TypeError, ValueError) as exc:
+                logger.error(
+                    "handler for %r returned a value JSON cannot encode (client %s): %s",
+                    action.type,
+                    client.client_id,
+                    _describe_exception(exc),
+                )
+                problem = f"the handler's result is not JSON: {_describe_exception(exc)}"
+                reply = session.reply_error(action, problem)
+        if reply is not None:
+            self._send_app(conn, reply)
+        if live is not None:
+            ack = session.handled(action, wall=self._wall_clock())
+            if ack is not None:
+                self._send_control(live, ack.text)
+            elif session.ack_timer_wanted:
+                self._arm_ack_timer(live)
+            live.idle.set()
+
+    # ---- v2 sessions: attach, detach, ack timers, expiry ----------------------------------
+
+    def _attach(self, conn: _Conn, session: ServerSession) -> None:
+        """A v2 connection opened on ``session.delivery``: it now carries the session. A
+        connection still carrying it (its death not yet noticed) is closed first."""
+        live = session.delivery
+        assert isinstance(live, _LiveSession)
+        old = live.conn
+        if old is not None and old is not conn:
+            logger.info(
+                "session %s resumed from %s: closing its older connection from %s",
+                live.session_id[:6],
+                conn.link.remote_address,
+                old.link.remote_address,
+            )
+            self._close_with(old, SESSION_RESUMED_ELSEWHERE)
+            old.on_end = None  # it no longer carries the session
+            self._cancel_ack_timer(live)
+        live.conn = conn
+        conn.live = live
+        conn.on_end = lambda: self._detach(conn)
+
+    def _detach(self, conn: _Conn) -> None:
+        """The connection carrying a v2 session ended: the session stays resumable for the
+        window (if it is still the store's), and the expiry timer is armed."""
+        live = conn.live
+        if live is None or live.conn is not conn:
+            return
+        live.conn = None
+        self._cancel_ack_timer(live)
+        if self.sessions.sessions.get(live.session_id) is live:
+            self.sessions.disconnected(live, asyncio.get_running_loop().time() * 1000)
+            self._arm_expiry()
+
+    def _arm_ack_timer(self, live: _LiveSession) -> None:
+        if live.conn is None:
+            return  # the client re-sends what is unacknowledged, and gets the ack then
+        self._cancel_ack_timer(live)
+        delay = self.delivery.ack_interval_ms / 1000
+        live.ack_timer = asyncio.get_running_loop().call_later(delay, self._on_ack_timer, live)
+        live.ids.timer_armed = True
+
+    def _cancel_ack_timer(self, live: _LiveSession) -> None:
+        if live.ack_timer is not None:
+            live.ack_timer.cancel()
+            live.ack_timer = None
+        live.ids.timer_armed = False
+
+    def _on_ack_timer(self, live: _LiveSession) -> None:
+        live.ack_timer = None
+        conn = live.conn
+        if conn is None or conn.session is None:
+            live.ids.timer_armed = False
+            return
+        ack = conn.session.ack_due(wall=self._wall_clock())
+        if ack is not None:
+            self._send_control(live, ack.text)
+
+    def _arm_expiry(self) -> None:
+        """One ``call_later`` handle per server, due when the first disconnected session
+        passes its window; not while the server stops."""
+        if self._stopping or self._expiry_timer is not None:
+            return
+        due = self.sessions.next_expiry()
+        if due is None:
+            return
+        loop = asyncio.get_running_loop()
+        # The window is strict (expired once *more* than window_ms passed): 1 ms after it.
+        delay = max(0.0, (due + 1) / 1000 - loop.time())
+        self._expiry_timer = loop.call_later(delay, self._expire)
+
+    def _expire(self) -> None:
+        self._expiry_timer = None
+        gone = self.sessions.expire(asyncio.get_running_loop().time() * 1000)
+        if gone:
+            logger.debug("%d v2 session(s) expired after the window", len(gone))
+        self._arm_expiry()
+
+    def _stop_expiry(self) -> None:
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+            self._expiry_timer = None
 
     async def _run_hooks(self, hooks: list[ConnectHook], client: Client, what: str) -> None:
         for hook in hooks:
@@ -1148,14 +1444,26 @@ class Endpoints:
                 now=loop.time(),
                 wall=self._wall_clock(),
                 request_id=self._request_id_factory(),
+                sessions=self.sessions,
+                new_session_id=_new_token(),
             )
         except Exception:
             logger.exception("handshake with %s failed", link.remote_address)
             actions = session.fail_handshake()
+        if session.delivery is not None:
+            self._attach(conn, session)
         if self._stopping:
             session.shutdown()
             actions = [SHUTDOWN]
-        self._carry_out(conn, actions)
+        # The hello, then (v2) the replay, queued past the outbox's limit: its texts stay in
+        # the history until acknowledged anyway, and a refused one would close the connection.
+        for action in actions:
+            if isinstance(action, SendText):
+                self._push(conn, action.text, force=True)
+            elif isinstance(action, Close):
+                self._request_close(conn, action)
+        if conn.live is not None and session.ack_timer_wanted:
+            self._arm_ack_timer(conn.live)
         if session.state is not SessionState.OPEN:
             for action in actions:
                 if isinstance(action, Close):
@@ -1167,12 +1475,23 @@ class Endpoints:
         client = conn.client = Client(self, conn, session)
         self._clients.setdefault(session.client_id, set()).add(client)
         self._arm_timer(conn)
-        logger.info(
-            "client %s connected from %s (role %s)",
-            client.client_id,
-            link.remote_address,
-            client.role,
-        )
+        if conn.live is None:
+            logger.info(
+                "client %s connected from %s (role %s)",
+                client.client_id,
+                link.remote_address,
+                client.role,
+            )
+        else:
+            logger.info(
+                "client %s connected from %s (role %s, v2 session %s: %s, %d replayed)",
+                client.client_id,
+                link.remote_address,
+                client.role,
+                conn.live.session_id[:6],
+                session.resume_outcome,
+                len(actions) - 1,
+            )
         try:
             await self._run_body(conn, self._read_loop(conn))
         finally:
@@ -1243,10 +1562,15 @@ class Endpoints:
         """``on_connect``, then every delivered message in order, until the connection ends."""
         await self._run_hooks(self._connect_hooks, client, "on_connect")
         while True:
+            if conn.inbox and conn.live is not None and (conn.closing or conn.ended.is_set()):
+                # v2: what this connection did not handle is re-sent on the resume (and on a
+                # replaced connection it would race the one that resumed).
+                conn.inbox.clear()
+                conn.space.set()
             if conn.inbox:
                 action = conn.inbox.pop(0)
                 conn.space.set()
-                await self._deliver(client, action)
+                await self._deliver(conn, client, action)
                 continue
             if conn.ended.is_set():
                 return

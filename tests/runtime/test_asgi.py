@@ -161,9 +161,9 @@ async def http_get(base: str, path: str) -> bytes:
 def test_a_bad_version_is_closed_with_4400_and_its_reason() -> None:
     async def body() -> list[tuple[int, str]]:
         async with serving(steady()) as base:
-            return await refusals(base, ["client_id=c1&version=2", "client_id=c1&version=abc"])
+            return await refusals(base, ["client_id=c1&version=3", "client_id=c1&version=abc"])
 
-    assert run(body()) == [(4400, "Unsupported version '2'"), (4400, "Unsupported version 'abc'")]
+    assert run(body()) == [(4400, "Unsupported version '3'"), (4400, "Unsupported version 'abc'")]
 
 
 def test_a_bad_role_is_closed_with_4401_and_its_reason() -> None:

@@ -110,7 +110,7 @@ async def still_works(ws: ClientConnection) -> bool:
 @pytest.mark.parametrize(
     ("query", "reason"),
     [
-        ("client_id=c1&version=2", "Unsupported version '2'"),
+        ("client_id=c1&version=3", "Unsupported version '3'"),
         ("client_id=c1&version=abc", "Unsupported version 'abc'"),
         ("client_id=c1&version=1.0", "Unsupported version '1.0'"),
     ],
