@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
+import sys
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import uvicorn
@@ -163,3 +166,33 @@ async def http_get(base: str, path: str) -> bytes:
 def stop_reading(ws: ClientConnection) -> None:
     """Make ``ws`` a client that never reads again (TCP pushes back on the server)."""
     ws.transport.pause_reading()
+
+
+def steadysocket_command() -> list[str]:
+    """The installed ``steadysocket`` console script, or the module from a bare checkout."""
+    script = Path(sys.executable).with_name("steadysocket")
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-m", "steadysocket.runtime.cli"]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without ``WS_*`` and ``WEBSOCKET_*``, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WS_", "WEBSOCKET_"))}
+    env.update(extra)
+    return env
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (it was free a moment ago)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+async def closed_with(ws: ClientConnection, bound: float = TIMEOUT) -> tuple[int, str]:
+    """Read until the connection ends; the code and reason of the close frame received."""
+    rcvd = await close_frame(ws, bound)
+    assert rcvd is not None, "the connection ended without a close frame"
+    return rcvd.code, rcvd.reason

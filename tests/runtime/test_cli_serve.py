@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import signal
 import socket
-import sys
 from collections.abc import Coroutine
-from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -18,6 +15,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import Close
 
 from steadysocket.runtime.cli import build_parser
+from tests.runtime.adapters import clean_env, steadysocket_command
 
 MS = 0.001
 TIMEOUT = 10_000 * MS
@@ -33,24 +31,10 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(bounded())
 
 
-def command() -> list[str]:
-    """The installed console script, or the module when run from a bare checkout."""
-    script = Path(sys.executable).with_name("steadysocket")
-    if script.exists():
-        return [str(script)]
-    return [sys.executable, "-m", "steadysocket.runtime.cli"]
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WS_")}
-    env.update(extra)
-    return env
-
-
 async def start_serve(*args: str) -> tuple[asyncio.subprocess.Process, int, list[str]]:
     """Start ``steadysocket serve --port 0`` and wait for its listening line."""
     process = await asyncio.create_subprocess_exec(
-        *command(),
+        *steadysocket_command(),
         "serve",
         "--port",
         "0",
@@ -147,7 +131,7 @@ def test_serve_on_a_port_in_use_prints_one_line_and_exits_non_zero() -> None:
             busy.listen()
             port = busy.getsockname()[1]
             process = await asyncio.create_subprocess_exec(
-                *command(),
+                *steadysocket_command(),
                 "serve",
                 "--port",
                 str(port),
@@ -171,7 +155,7 @@ def test_serve_on_a_port_in_use_prints_one_line_and_exits_non_zero() -> None:
 def test_serve_with_a_malformed_environment_variable_names_it_and_exits_two() -> None:
     async def body() -> tuple[int, str]:
         process = await asyncio.create_subprocess_exec(
-            *command(),
+            *steadysocket_command(),
             "serve",
             "--port",
             "0",
@@ -242,7 +226,7 @@ def test_serve_with_a_malformed_outbox_or_gc_option_names_it_and_exits_two(
 ) -> None:
     async def body() -> tuple[int, str]:
         process = await asyncio.create_subprocess_exec(
-            *command(),
+            *steadysocket_command(),
             "serve",
             "--port",
             "0",

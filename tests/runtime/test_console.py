@@ -9,10 +9,7 @@ import json
 import os
 import re
 import signal
-import socket
-import sys
 from collections.abc import Coroutine
-from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -27,6 +24,7 @@ from steadysocket.runtime.console import (
 )
 from steadysocket.runtime.manager import WebSocketManager
 from steadysocket.runtime.server import SteadyServer
+from tests.runtime.adapters import clean_env, closed_port, steadysocket_command
 
 TIMEOUT = 10.0
 T = TypeVar("T")
@@ -38,24 +36,6 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
             return await coro
 
     return asyncio.run(bounded())
-
-
-def command() -> list[str]:
-    script = Path(sys.executable).with_name("steadysocket")
-    if script.exists():
-        return [str(script)]
-    return [sys.executable, "-m", "steadysocket.runtime.cli"]
-
-
-def clean_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith(("WS_", "WEBSOCKET_"))}
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 def test_the_keys_drive_the_manager() -> None:
@@ -114,7 +94,7 @@ def test_json_mode_prints_one_snapshot_per_state_change_and_stops_on_sigint() ->
     async def body() -> tuple[list[dict[str, Any]], int]:
         async with SteadyServer("127.0.0.1", 0, heartbeat_interval_ms=5_000) as server:
             process = await asyncio.create_subprocess_exec(
-                *command(),
+                *steadysocket_command(),
                 "connect",
                 server.url,
                 "--json",
@@ -145,7 +125,7 @@ def test_json_mode_prints_one_snapshot_per_state_change_and_stops_on_sigint() ->
 def _run_cli(*args: str) -> tuple[int, str]:
     async def body() -> tuple[int, str]:
         process = await asyncio.create_subprocess_exec(
-            *command(),
+            *steadysocket_command(),
             *args,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
@@ -244,7 +224,7 @@ def test_with_websocket_enabled_false_the_panel_says_why_it_stays_idle(
 def test_with_websocket_enabled_false_json_mode_says_why_and_prints_the_idle_snapshot() -> None:
     async def body() -> tuple[list[dict[str, Any]], str]:
         process = await asyncio.create_subprocess_exec(
-            *command(),
+            *steadysocket_command(),
             "connect",
             f"ws://127.0.0.1:{closed_port()}",
             "--json",

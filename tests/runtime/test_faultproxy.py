@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from steadysocket.runtime.faultproxy import FaultProxy, Flap, Mode
+from steadysocket.testing import FaultProxy, Flap, Mode
 
 MS = 0.001
 TIMEOUT = 5_000 * MS

@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 
 from steadysocket.model.snapshot import Phase
-from steadysocket.runtime.faultproxy import FaultProxy, Flap, Mode
 from steadysocket.runtime.server import Client, SteadyServer
+from steadysocket.testing import FaultProxy, Flap, Mode
 from tests.runtime.fault_rig import (
     HEAVY,
     MS,

@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import connect
 from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
@@ -48,6 +48,7 @@ from steadysocket.model.server_session import (
     ServerSession,
     match_route,
 )
+from tests.runtime.adapters import recv_json
 from tests.runtime.fault_rig import HEAVY, MS, rss_kib, run, serve_command
 
 TIMEOUT = 5_000 * MS
@@ -131,14 +132,6 @@ async def answers_normally(server: Hostile) -> bool:
         assert (await recv_json(ws))["type"] == "pong"
     server.sample()
     return True
-
-
-async def recv_json(ws: ClientConnection) -> dict[str, Any]:
-    async with asyncio.timeout(TIMEOUT):
-        message = await ws.recv()
-    assert isinstance(message, str)
-    data: dict[str, Any] = json.loads(message)
-    return data
 
 
 def after_the_case(server: Hostile) -> None:

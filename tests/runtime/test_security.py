@@ -21,7 +21,6 @@ from typing import Any, TypeVar
 import pytest
 import uvicorn
 import uvicorn.config
-from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from steadysocket.model.backoff import BackoffStrategy
@@ -31,6 +30,7 @@ from steadysocket.runtime.cli import main as cli_main
 from steadysocket.runtime.manager import ServerError, WebSocketManager, WSError
 from steadysocket.runtime.server import SteadyServer
 from steadysocket.runtime.transport import open_websocket
+from tests.runtime.adapters import closed_with, dial, recv_json
 from tests.runtime.fault_rig import ServeProcess
 
 MS = 0.001
@@ -56,19 +56,6 @@ async def running(**kwargs: Any) -> AsyncIterator[SteadyServer]:
         yield server
 
 
-def dial(base: str, query: str = "client_id=c1", path: str = "/ws/client", **kwargs: Any) -> Any:
-    target = f"{base}{path}" + (f"?{query}" if query else "")
-    return connect(target, proxy=None, open_timeout=TIMEOUT, **kwargs)
-
-
-async def recv_json(ws: ClientConnection) -> dict[str, Any]:
-    async with asyncio.timeout(TIMEOUT):
-        message = await ws.recv()
-    assert isinstance(message, str)
-    data: dict[str, Any] = json.loads(message)
-    return data
-
-
 async def status_of(base: str, **kwargs: Any) -> int:
     """101 if the upgrade succeeded (and the hello came), else the HTTP status refusing it."""
     try:
@@ -77,18 +64,6 @@ async def status_of(base: str, **kwargs: Any) -> int:
             return 101
     except InvalidStatus as exc:
         return exc.response.status_code
-
-
-async def closed_with(ws: ClientConnection) -> tuple[int, str]:
-    rcvd = None
-    try:
-        async with asyncio.timeout(TIMEOUT):
-            while True:
-                await ws.recv()
-    except ConnectionClosed as exc:
-        rcvd = exc.rcvd
-    assert rcvd is not None
-    return rcvd.code, rcvd.reason
 
 
 def manager(url: str, **kwargs: Any) -> tuple[WebSocketManager, list[Phase], list[WSError]]:
