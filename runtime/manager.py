@@ -404,7 +404,8 @@ class WebSocketManager:
         self._v1_requests: dict[int, str] = {}
         """v1: the encoded text of each waiting request, to tell written from still queued."""
         self._next_request = 1
-        self._ack_handle: asyncio.TimerHandle | None = None
+        self._ack_timer: asyncio.Task[None] | None = None
+        """v2: the batched ack of received offsets, at most ``ack_interval_ms`` late."""
         self._phase_waiters: list[tuple[frozenset[Phase], asyncio.Future[Phase]]] = []
         self._streams: list[weakref.ref[MessageStream]] = []
         """Held weakly, so that a stream left with ``break`` is collected (and forgotten);
@@ -491,6 +492,7 @@ class WebSocketManager:
         self._bind_loop()
         async with self._lock:
             self._destroyed = True
+            self._fail_requests(lambda: ManagerClosed("the WebSocketManager was destroyed"))
             self._end_session()
             # All of this before the first await, so a cancelled destroy() still does it.
             self._state_listeners.clear()
@@ -500,7 +502,6 @@ class WebSocketManager:
             for _, future in self._phase_waiters:
                 if not future.done():
                     future.set_exception(ManagerClosed("the WebSocketManager was destroyed"))
-            self._fail_requests(lambda: ManagerClosed("the WebSocketManager was destroyed"))
             self._resume_listeners.clear()
             await self._stop_supervisor()
 
@@ -966,9 +967,9 @@ class WebSocketManager:
     def _connection_gone(self) -> None:
         """The connection ended: its ack timer stops, and a v1 request written on it can no
         longer be answered (one still queued or unwritten goes out on the next connection)."""
-        if self._ack_handle is not None:
-            self._ack_handle.cancel()
-            self._ack_handle = None
+        timer, self._ack_timer = self._ack_timer, None
+        if timer is not None and timer is not asyncio.current_task():
+            timer.cancel()
         if not self._v1_requests:
             return
         queue, outgoing = self._core.queue, self._outgoing
@@ -1002,9 +1003,9 @@ class WebSocketManager:
                     )
                 if received.acked is not None:
                     self._acked(received.acked)
-                if self._ack_handle is None and (delay := core.ack_timer_wanted()) is not None:
-                    self._ack_handle = asyncio.get_running_loop().call_later(
-                        delay / 1000.0, self._ack_fire
+                if self._ack_timer is None and (delay := core.ack_timer_wanted()) is not None:
+                    self._ack_timer = self._spawn(
+                        partial(self._ack_main, delay / 1000.0), "steadysocket-ack"
                     )
             message = received.message
             if message is not None:
@@ -1056,8 +1057,9 @@ class WebSocketManager:
             if not future.done():
                 future.set_result(None)
 
-    def _ack_fire(self) -> None:
-        self._ack_handle = None
+    async def _ack_main(self, delay_s: float) -> None:
+        await self._sleep(delay_s)
+        self._ack_timer = None
         text = self._core.ack_due()
         if text is not None:
             self._send_control(text)
