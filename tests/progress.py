@@ -33,9 +33,13 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
     start = time.monotonic()
 
     def beat() -> None:
+        # The process's own stderr: -s leaves it uncaptured, and a test's redirection of
+        # sys.stderr does not swallow the line.
+        err = sys.__stderr__
         while not stop.wait(INTERVAL_S):
-            sys.__stderr__.write(f"\n{progress_line(item.nodeid, time.monotonic() - start)}\n")
-            sys.__stderr__.flush()
+            if err is not None:
+                err.write(f"\n{progress_line(item.nodeid, time.monotonic() - start)}\n")
+                err.flush()
 
     thread = threading.Thread(target=beat, name="progress", daemon=True)
     thread.start()
