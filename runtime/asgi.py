@@ -2,8 +2,10 @@
 
 :class:`SteadyASGI` is an :class:`~steadysocket.runtime.server.Endpoints`: handlers, hooks,
 ``send_to``/``broadcast`` and the per-connection pump are the shared ones, and every protocol
-decision is the model's :class:`~steadysocket.model.server_session.ServerSession`. This module
-only carries frames between an ASGI server and a :class:`~steadysocket.runtime.server.Link`. It
+decision is the model's :class:`~steadysocket.model.server_session.ServerSession`; protocol v2
+(sessions, offsets, acks, resume; the ``delivery`` argument) and request/reply are the shared
+pump's too, so both adapters answer alike. This module only carries frames between an ASGI
+server and a :class:`~steadysocket.runtime.server.Link`. It
 imports nothing outside the standard library and steadysocket, so it needs no web framework.
 
 Scopes:

@@ -47,6 +47,25 @@ Slow readers: a push goes to the connection's outbox, bounded by ``max_outbox_by
 does not fit is refused (``send()`` returns False). Each frame's write is bounded by the
 connection timeout and a close by the close timeout; past either the connection is aborted, so
 a client that stopped reading is dropped (1006) and its memory freed.
+
+Protocol v2 (docs/protocol.md, "Protocol v2"; the rules are ``model/delivery.py``'s): a client
+asking ``version=2`` gets a session from the server's ``SessionStore`` (one per server object,
+its ``epoch`` and every ``session_id`` drawn with :func:`secrets.token_urlsafe`, 128 bits).
+Right after the hello the server writes the resume's replay. Every application message to a
+v2 client (``send``, ``echo``, ``send_to``, ``broadcast``, a request's reply) is numbered with
+``offset`` and kept in the session's history until the client acks it; control frames (hello,
+ping, pong, status, error, ack) are not. Every message from it carries ``id``: its handler runs
+once per id, in order, and the cumulative ``{"type":"ack","id":N}`` is written after the
+handler returned (batched: ``ack_every`` messages, or ``ack_interval_ms`` after the first, one
+``call_later`` handle per session). Closes of its own:
+
+- **1000** ``Session resumed elsewhere``: a newer connection resumed the session while this
+  one still carried it (the server had not noticed it die); never two connections per session.
+- **1013** ``Outbox full: resume to receive the rest``: the outbox refused a numbered message,
+  which is in the history; the client resumes and gets the replay rather than a silent gap.
+
+A disconnected session stays resumable for ``window_ms`` (one ``call_later`` handle per server
+drops expired ones); ``send_to`` and ``broadcast`` reach it meanwhile, kept for the resume.
 """
 
 from __future__ import annotations
@@ -952,7 +971,7 @@ class Endpoints:
             ValueError, TypeError: the message cannot be encoded (see :meth:`Client.send`).
         """
         text = encode_server_message(message, self._wall_clock())
-        queued = self._push_all(self.clients, self.sessions.sessions.values(), text)
+        queued = self._push_all(self.clients, tuple(self.sessions.sessions.values()), text)
         await asyncio.sleep(0)  # let the writers run between broadcasts
         return queued
 

@@ -372,6 +372,28 @@ def test_a_resume_while_the_old_connections_handler_runs_waits_for_it(kind: Kind
     assert seen == [(None, "pong"), (1, "reply"), ack(1)]
 
 
+def test_a_handler_cancelled_at_shutdown_leaves_its_id_unhandled() -> None:
+    async def body() -> tuple[int | None, int, int]:
+        started = asyncio.Event()
+        async with served("steady", connection_timeout_ms=300, delivery=QUIET) as srv:
+
+            @srv.app.on_message("stuck")
+            async def stuck(message: dict[str, Any], client: Client) -> None:
+                started.set()
+                await asyncio.Event().wait()
+
+            async with v2(srv.url) as (ws, hello):
+                await send(ws, {"id": 1, "type": "stuck"})
+                async with asyncio.timeout(TIMEOUT):
+                    await started.wait()
+                await srv.close()  # cancels the handler after the close timeout
+            session = srv.app.sessions.sessions[hello["session_id"]]
+            return session.handling, session.last_handled, session.next_offset
+
+    # Not handled, so a re-send (in a resume) runs it; and nothing was replied.
+    assert run(body()) == (None, 0, 1)
+
+
 # ---- server -> client: replay, outage, one connection per session -------------------------------
 
 
@@ -534,6 +556,54 @@ def test_a_resume_after_the_window_or_past_the_history_is_refused(kind: Kind) ->
         return results
 
     assert run(body()) == [(False, "unknown_session", 2), (False, "trimmed", 2)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_disconnected_sessions_are_dropped_after_the_window_without_new_connections(
+    kind: Kind,
+) -> None:
+    async def body() -> tuple[int, int, int]:
+        async with served(kind, delivery=DeliveryConfig(window_ms=30)) as srv:
+            app = srv.app
+            gone = Departures(app)
+            async with v2(srv.url, "a"), v2(srv.url, "b"):
+                held = len(app.sessions.sessions)
+            await gone.wait_for(2)
+            # The expiry timer is the thing under test: poll (bounded) for its effect.
+            for _ in range(500):
+                if not app.sessions.sessions:
+                    break
+                await asyncio.sleep(0.01)
+            left = len(app.sessions.sessions)
+            kept = await app.broadcast({"type": "m"})
+        return held, left, kept
+
+    assert run(body()) == (2, 0, 0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_fresh_session_supersedes_the_client_ids_older_one_which_keeps_its_connection(
+    kind: Kind,
+) -> None:
+    async def body() -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], int, bool, str]:
+        async with served(kind, delivery=QUIET) as srv:
+            app = srv.app
+            gone = Departures(app)
+            async with v2(srv.url) as (first, old), v2(srv.url) as (second, _):
+                count = await app.send_to("c1", {"type": "m"})  # both sessions: one each
+                seen_first = [brief(await frame(first))]
+                seen_second = [brief(await frame(second))]
+                await send(first, {"id": 1, "type": "chat"})  # the old one still works
+                seen_first += [brief(await frame(first)), brief(await frame(first))]
+            await gone.wait_for(2)
+            async with v2(srv.url, resume=resume_of(old, 2)) as (_, again):
+                return seen_first, seen_second, count, again["resumed"], again["resume_outcome"]
+
+    first, second, count, resumed, outcome = run(body())
+    assert count == 2
+    assert first == [(1, "m"), (2, "echo"), ack(1)]
+    assert second == [(1, "m")]
+    assert (resumed, outcome) == (False, "unknown_session")
 
 
 @pytest.mark.parametrize("kind", KINDS)
