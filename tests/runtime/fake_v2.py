@@ -124,6 +124,9 @@ class FakeV2Server:
         self.handled: list[tuple[str, int]] = []
         """``(session_id, n)`` of every application message handled, in order."""
         self.refused_versions: list[str] = []
+        self.overlap_replay = False
+        """True: a resume replays the whole unacknowledged history, also what the client
+        already has (an at-least-once server): the client must drop the duplicates."""
 
     def _token(self, kind: str) -> str:
         return f"{kind}{next(self._tokens)}"
@@ -141,6 +144,8 @@ class FakeV2Server:
             return _Refusal(CloseFailure(int(accepted.code), accepted.reason))
         if accepted.version == 1:
             return self._open_v1(accepted)
+        held = self.store.sessions.get(accepted.resume.get("session_id", ""))
+        history = [text for _, text in held.history] if held is not None else []
         opened = self.store.open(
             accepted.client_id,
             str(accepted.role),
@@ -169,7 +174,7 @@ class FakeV2Server:
         link = Link(self, opened.session)
         self.links.append(link)
         link.push(hello.serialize())
-        for text in opened.replay:
+        for text in history if self.overlap_replay and opened.resumed else opened.replay:
             link.push(text)
         return link
 
