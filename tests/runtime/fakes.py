@@ -515,7 +515,8 @@ class ScriptedServer:
         ).serialize()
 
     def _opening(self, record: ConnectionRecord) -> _Opening:
-        rejected = validate_query(record.query)
+        # The scripted servers speak v1 only, as the seed's backend does: 4400 to version=2.
+        rejected = validate_query(record.query, accept_v2=False)
         if isinstance(rejected, Reject):
             return _Opening(close=(int(rejected.code), rejected.reason))
         script = record.script

@@ -6,11 +6,14 @@ import asyncio
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+import pytest
+
 from steadysocket.model.backoff import BackoffStrategy
 from steadysocket.model.snapshot import Phase, WSState
 from steadysocket.runtime.faultproxy import FaultProxy, Mode
 from steadysocket.runtime.manager import WebSocketManager
 from steadysocket.runtime.server import SteadyServer
+from tests.runtime.fakes import LoopbackServer, Script
 
 TIMEOUT = 10.0
 T = TypeVar("T")
@@ -148,19 +151,26 @@ def test_a_permanent_rejection_reaches_fallback_in_one_attempt() -> None:
     assert "4401" in state.fallback_reason
 
 
-def test_an_unsupported_version_reaches_fallback_in_one_attempt() -> None:
+def test_a_version_no_server_speaks_is_refused_before_any_attempt() -> None:
+    with pytest.raises(ValueError, match="version must be 1 or 2, got 3"):
+        _manager("ws://127.0.0.1:1", version=3)
+
+
+def test_a_v2_client_of_a_v1_only_server_runs_v1_after_one_4400() -> None:
     async def body() -> WSState:
-        async with _server() as server:
+        async with LoopbackServer(script=Script.accept()) as server:
             manager, _ = _manager(server.url, version=2, fallback_probe_interval_ms=None)
             await manager.connect()
-            await manager.wait_for(Phase.FALLBACK, timeout=TIMEOUT)
+            await manager.wait_for(Phase.OPEN, timeout=TIMEOUT)
             state = manager.get_state()
             await manager.disconnect()
             return state
 
     state = run(body())
-    assert state.stats.total_attempts == 1
-    assert state.recent_attempts[0].close_code == 4400
+    assert state.protocol_version == 1
+    assert state.delivery is None
+    assert [a.close_code for a in state.recent_attempts] == [None, 4400]
+    assert state.recent_attempts[0].outcome == "open"
 
 
 def test_a_half_open_connection_goes_degraded_then_reconnects() -> None:
