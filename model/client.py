@@ -419,7 +419,14 @@ class ClientCore:
     def _failed(self, failure: Failure, *, retry: bool = False) -> list[Effect]:
         classification = classify(failure)
         self.last_failure = failure
-        self.log.warning("[WS] Connection failed: %s (%s)", failure.describe(), classification.kind)
+        # A failure that is retried is news, not a fault: INFO. WARNING is for what gives up
+        # (a failure not retried; entering fallback logs its own warning).
+        self.log.log(
+            logging.INFO if classification.retryable or retry else logging.WARNING,
+            "[WS] Connection failed: %s (%s)",
+            failure.describe(),
+            classification.kind,
+        )
         self._finish_attempt(AttemptOutcome.FAILED, failure=failure, classification=classification)
         effects = self._fire("attempt_failed", retryable=classification.retryable or retry)
         self._note_retry(effects)
@@ -442,7 +449,12 @@ class ClientCore:
             and self.hello is not None
             and "graceful_reconnect" in self.hello.features
         )
-        self.log.warning("[WS] Connection lost: %s (%s)", failure.describe(), classification.kind)
+        self.log.log(
+            logging.INFO if classification.retryable else logging.WARNING,
+            "[WS] Connection lost: %s (%s)",
+            failure.describe(),
+            classification.kind,
+        )
         return self._lost("connection_lost", failure, classification, graceful=graceful)
 
     def _lost(
@@ -488,7 +500,7 @@ class ClientCore:
         silence_ms = (self.clock.monotonic() - self._last_activity) * 1000.0
         if self.phase is Phase.OPEN:
             if silence_ms >= DEGRADED_AFTER * interval:
-                self.log.warning("[WS] nothing received for %.0f ms: degraded", silence_ms)
+                self.log.info("[WS] nothing received for %.0f ms: degraded", silence_ms)
                 effects = self._fire("heartbeat_overdue")
                 self.heartbeats_sent += sum(isinstance(e, SendPing) for e in effects)
                 return effects
@@ -500,7 +512,7 @@ class ClientCore:
             self.last_failure = failure
             self.live_generation = None
             self._opened_at = None
-            self.log.warning("[WS] peer dead: %s", failure.describe())
+            self.log.info("[WS] peer dead: %s", failure.describe())
             effects = self._fire("peer_dead")
             self._note_retry(effects)
             return effects

@@ -74,6 +74,7 @@ from steadysocket.model.effects import (
 )
 from steadysocket.model.server_session import DEFAULT_MAX_MESSAGE_BYTES
 from steadysocket.model.snapshot import Phase, WSState
+from steadysocket.runtime.debuglog import enable_debug_logging
 from steadysocket.runtime.transport import CLOSE_TIMEOUT_S as CLOSE_TIMEOUT_S
 from steadysocket.runtime.transport import (
     Opener,
@@ -301,7 +302,8 @@ class WebSocketManager:
 
     ``base_url`` defaults to ``$WS_URL`` (else ``ws://localhost:8000``); ``client_id`` to a fresh
     UUID4. ``WEBSOCKET_ENABLED=false`` keeps the manager idle: ``connect()`` logs and returns.
-    ``WS_DEBUG=1`` sets the ``steadysocket`` logger to DEBUG. Explicit arguments win over the
+    ``WS_DEBUG=1`` shows the ``steadysocket`` logger's debug lines on stderr, also in a program
+    that set up no logging (``steadysocket.runtime.debuglog``). Explicit arguments win over the
     environment; a malformed value raises ``ValueError`` here.
 
     ``max_message_bytes`` is the largest encoded message ``send()`` accepts (the server's
@@ -344,7 +346,7 @@ class WebSocketManager:
     ) -> None:
         env = os.environ if environ is None else environ
         if _env_flag(env, "WS_DEBUG", False):
-            logging.getLogger("steadysocket").setLevel(logging.DEBUG)
+            enable_debug_logging()
         if send_buffer_bytes < max_message_bytes:
             raise ValueError(
                 f"send_buffer_bytes ({send_buffer_bytes}) must hold at least one message "

@@ -1856,3 +1856,29 @@ def test_idle_or_fallback_ends_the_session_and_hands_back_its_outbox_with_reason
     empty = v2_client()
     empty.disconnect()
     assert empty.core.take_returns() == []
+
+
+def test_a_retried_loss_is_info_and_giving_up_is_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="steadysocket")
+    rt = open_client()
+    rt.close(DROPPED)  # retried
+    rt.fire(Timer.RETRY)
+    rt.fail(REFUSED)  # retried
+    rt.fire(Timer.RETRY)
+    rt.fail(REJECTED)  # 4401: not retryable, so fallback
+    levels = {
+        r.getMessage().split(":")[0]: r.levelname
+        for r in caplog.records
+        if "Connection" in r.getMessage() or "fallback mode" in r.getMessage()
+    }
+    assert levels == {
+        "[WS] Connection lost": "INFO",
+        "[WS] Connection failed": "WARNING",  # the last one, 4401, is not retried
+        "[WS] Entering fallback mode": "WARNING",
+    }
+    retried = [
+        r.levelname for r in caplog.records if r.getMessage().startswith("[WS] Connection failed")
+    ]
+    assert retried == ["INFO", "WARNING"]

@@ -1062,3 +1062,20 @@ def test_a_send_that_blocks_past_the_send_timeout_is_a_dead_peer_and_the_frame_c
         assert m.take_returned() == []
 
     run(main)
+
+
+def test_ws_debug_shows_debug_lines_through_a_handler_on_the_steadysocket_logger_only() -> None:
+    from steadysocket.runtime.debuglog import disable_debug_logging
+
+    package = logging.getLogger("steadysocket")
+    root_handlers = list(logging.getLogger().handlers)
+    try:
+        WebSocketManager("ws://127.0.0.1:1", "dbg", environ={"WS_DEBUG": "1"})
+        assert package.level == logging.DEBUG
+        assert len(package.handlers) == 1
+        WebSocketManager("ws://127.0.0.1:1", "dbg2", environ={"WS_DEBUG": "1"})
+        assert len(package.handlers) == 1  # one handler, however many managers
+        assert logging.getLogger().handlers == root_handlers
+    finally:
+        disable_debug_logging()
+    assert package.handlers == []
