@@ -1914,8 +1914,11 @@ async def serve_until_signalled(
     signals: Iterable[signal.Signals] = (signal.SIGTERM, signal.SIGINT),
     ssl: SSLContext | None = None,
     gc_policy: GcPolicy | None = DEFAULT_GC_POLICY,
+    delivery: DeliveryConfig | None = None,
 ) -> None:
     """Serve until one of ``signals`` arrives, then shut down gracefully (1001 to every client).
+
+    ``delivery`` is protocol v2's configuration (see :class:`Endpoints`).
 
     The handlers are installed before the socket is bound, so a signal sent as soon as the
     server says it is listening is never lost.
@@ -1935,7 +1938,9 @@ async def serve_until_signalled(
     for sig in installed:
         loop.add_signal_handler(sig, on_signal, sig)
     try:
-        async with SteadyServer(host, port, config=config, ssl=ssl, gc_policy=gc_policy):
+        async with SteadyServer(
+            host, port, config=config, ssl=ssl, gc_policy=gc_policy, delivery=delivery
+        ):
             await stop.wait()
             logger.info("%s received, shutting down", received[0].name)
     finally:
