@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 
-from bench import capacity, client_path, handshakes, lifecycle, recovery
+from bench import capacity, client_path, handshakes, lifecycle, recovery, server_path
 from bench.common import OtherLoad, Row, Section, Sizes
 from bench.report import RunInfo, commit, document, goals, now, section_markdown
 
@@ -34,6 +34,7 @@ BENCHMARKS: dict[str, Callable[[Sizes], Section]] = {
     "handshakes": handshakes.run,
     "lifecycle": lifecycle.run,
     "recovery": recovery.run,
+    "server_path": server_path.run,
 }
 
 
