@@ -297,7 +297,11 @@ class ClientCore:
         aborted = self._current is not None and self._current.outcome == AttemptOutcome.IN_FLIGHT
         if aborted:
             self._finish_attempt(AttemptOutcome.ABORTED, detail=f"{event} by the application")
-        return self._fire(event)
+        effects = self._fire(event)
+        for effect in effects:
+            if isinstance(effect, CloseSocket) and not aborted:
+                self._connection_ended(None, code=effect.code, reason=effect.reason)
+        return effects
 
     # -- the socket ------------------------------------------------------------------------
 
@@ -439,6 +443,7 @@ class ClientCore:
         self.live_generation = None
         self._opened_at = None
         self.last_failure = failure
+        self._connection_ended(failure)
         if isinstance(failure, CloseFailure) and failure.code == 1000:
             self.log.info("[WS] server closed the connection normally")
             return self._fire("closed_by_server")
@@ -512,6 +517,7 @@ class ClientCore:
             self.last_failure = failure
             self.live_generation = None
             self._opened_at = None
+            self._connection_ended(failure)
             self.log.info("[WS] peer dead: %s", failure.describe())
             effects = self._fire("peer_dead")
             self._note_retry(effects)
@@ -786,7 +792,7 @@ class ClientCore:
                 self._recent[0] = replace(
                     self._recent[0],
                     next_retry_delay_ms=delay,
-                    next_retry_at=self.clock.now() + timedelta(milliseconds=delay),
+                    next_retry_eta=self.clock.now() + timedelta(milliseconds=delay),
                 )
 
     # -- attempts --------------------------------------------------------------------------
@@ -799,7 +805,7 @@ class ClientCore:
         # "connecting" for the first retry after a stable connection was lost, although the
         # client was reconnecting (the outage's counter had been reset).
         self._current = ConnectionAttempt(
-            number=max(effect.attempt or 1, 1), phase=self.phase, started_at=self.clock.now()
+            attempt=max(effect.attempt or 1, 1), phase=self.phase, timestamp=self.clock.now()
         )
 
     def _finish_attempt(
@@ -817,13 +823,40 @@ class ClientCore:
             ended_at=self.clock.now(),
             duration_ms=(self.clock.monotonic() - self._current_started) * 1000.0,
             outcome=outcome,
-            failure_kind=None if classification is None else str(classification.kind),
+            classification=None if classification is None else str(classification.kind),
             retryable=None if classification is None else classification.retryable,
             detail=detail if failure is None else failure.describe(),
             close_code=failure.code if isinstance(failure, CloseFailure) else None,
+            close_reason=failure.reason if isinstance(failure, CloseFailure) else None,
         )
         self._recent.appendleft(finished)
         self._current = None
+
+    def _connection_ended(
+        self, failure: Failure | None, *, code: int | None = None, reason: str | None = None
+    ) -> None:
+        """Record on the attempt that opened the connection how the connection ended: a
+        failure (with its classification), or the application's own close (``code``)."""
+        if not self._recent or self._recent[0].outcome != AttemptOutcome.OPEN:
+            return
+        opened = self._recent[0]
+        if opened.closed_at is not None:
+            return
+        if failure is None:
+            self._recent[0] = replace(
+                opened, closed_at=self.clock.now(), close_code=code, close_reason=reason
+            )
+            return
+        classification = classify(failure)
+        self._recent[0] = replace(
+            opened,
+            closed_at=self.clock.now(),
+            close_code=failure.code if isinstance(failure, CloseFailure) else None,
+            close_reason=failure.reason if isinstance(failure, CloseFailure) else None,
+            classification=str(classification.kind),
+            retryable=classification.retryable,
+            detail=failure.describe(),
+        )
 
     # -- views -----------------------------------------------------------------------------
 

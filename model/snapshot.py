@@ -58,56 +58,89 @@ def _ts(value: datetime | None) -> str | None:
 
 @dataclass(frozen=True)
 class ConnectionAttempt:
-    """One connection attempt within an outage.
+    """One connection attempt within an outage, with the seed's field names.
 
-    ``number`` counts from 1 within the outage; ``phase`` is the phase the attempt ran in
-    (``connecting`` for the first, ``reconnecting`` after). While the attempt runs, ``outcome`` is
-    ``in_flight`` and the end fields are ``None``. ``failure_kind`` holds a ``FailureKind`` value
-    (``network``, ``handshake``, ...) and ``next_retry_*`` describe the backoff that followed a
-    failure, if any.
+    The seed's fields: ``attempt`` counts from 1 within the outage; ``timestamp`` is when it
+    started; ``duration_ms`` how long it took to open or fail; ``close_code``, ``close_reason``
+    and ``classification`` (a ``FailureKind`` value: ``network``, ``handshake``, ``timeout``...)
+    say how it failed or, for an attempt that opened, how its connection ended later (then
+    ``closed_at`` is set; a dead peer is ``timeout``; the application's own ``disconnect()``
+    leaves ``classification`` None); ``next_retry_eta`` is when the backoff that followed it
+    retries.
+
+    Beside them: ``phase`` (the phase it ran in), ``outcome`` (``in_flight`` while it runs, then
+    ``open``, ``failed`` or ``aborted``), ``ended_at``, ``retryable``, ``detail`` (the failure
+    described) and ``next_retry_delay_ms``. The earlier names ``number``, ``started_at``,
+    ``failure_kind`` and ``next_retry_at`` still read as properties.
 
     Raises:
-        ValueError: ``outcome`` is not an :class:`AttemptOutcome` value, ``number`` is below 1,
+        ValueError: ``outcome`` is not an :class:`AttemptOutcome` value, ``attempt`` is below 1,
             or a datetime is naive.
     """
 
-    number: int
+    attempt: int
     phase: Phase
-    started_at: datetime
+    timestamp: datetime
     ended_at: datetime | None = None
     duration_ms: float | None = None
     outcome: str = AttemptOutcome.IN_FLIGHT
-    failure_kind: str | None = None
+    classification: str | None = None
     retryable: bool | None = None
     detail: str | None = None
     close_code: int | None = None
+    close_reason: str | None = None
     next_retry_delay_ms: float | None = None
-    next_retry_at: datetime | None = None
+    next_retry_eta: datetime | None = None
+    closed_at: datetime | None = None
 
     def __post_init__(self) -> None:
-        if self.number < 1:
-            raise ValueError(f"attempt number counts from 1, got {self.number}")
+        if self.attempt < 1:
+            raise ValueError(f"attempt number counts from 1, got {self.attempt}")
         if self.outcome not in _OUTCOMES:
             raise ValueError(f"outcome must be one of {sorted(_OUTCOMES)}, got {self.outcome!r}")
-        _require_aware("started_at", self.started_at)
+        _require_aware("timestamp", self.timestamp)
         _require_aware("ended_at", self.ended_at)
-        _require_aware("next_retry_at", self.next_retry_at)
+        _require_aware("next_retry_eta", self.next_retry_eta)
+        _require_aware("closed_at", self.closed_at)
+
+    @property
+    def number(self) -> int:
+        """The earlier name of :attr:`attempt`."""
+        return self.attempt
+
+    @property
+    def started_at(self) -> datetime:
+        """The earlier name of :attr:`timestamp`."""
+        return self.timestamp
+
+    @property
+    def failure_kind(self) -> str | None:
+        """The earlier name of :attr:`classification`."""
+        return self.classification
+
+    @property
+    def next_retry_at(self) -> datetime | None:
+        """The earlier name of :attr:`next_retry_eta`."""
+        return self.next_retry_eta
 
     def to_dict(self) -> dict[str, Any]:
-        """Return the attempt as JSON-ready data; datetimes become ``...Z`` strings."""
+        """Return the attempt as JSON-ready data, the seed's fields first; datetimes become
+        ``...Z`` strings."""
         return {
-            "number": self.number,
-            "phase": str(self.phase),
-            "started_at": format_timestamp(self.started_at),
-            "ended_at": _ts(self.ended_at),
+            "attempt": self.attempt,
+            "timestamp": format_timestamp(self.timestamp),
             "duration_ms": self.duration_ms,
+            "close_code": None if self.close_code is None else int(self.close_code),
+            "close_reason": self.close_reason,
+            "classification": None if self.classification is None else str(self.classification),
+            "next_retry_eta": _ts(self.next_retry_eta),
+            "phase": str(self.phase),
             "outcome": str(self.outcome),
-            "failure_kind": None if self.failure_kind is None else str(self.failure_kind),
+            "ended_at": _ts(self.ended_at),
+            "closed_at": _ts(self.closed_at),
             "retryable": self.retryable,
             "detail": self.detail,
-            "close_code": None if self.close_code is None else int(self.close_code),
             "next_retry_delay_ms": self.next_retry_delay_ms,
-            "next_retry_at": _ts(self.next_retry_at),
         }
 
 

@@ -835,6 +835,7 @@ class WebSocketManager:
         report = self._core.take_resume_report()
         if report is not None:
             self._resumed(report)
+        self._core.log.end_step()
         self._notify_phase()
 
     def _cancel_timer(self, timer: Timer) -> None:
@@ -986,6 +987,7 @@ class WebSocketManager:
         core = self._core
         v2 = core.delivery is not None
         receive = core.received_v2 if v2 else core.received
+        end_step = core.log.end_step  # a run of repeated log lines ends with a frame without it
         while True:
             frame = await transport.recv()
             if isinstance(frame, bytes):
@@ -994,6 +996,7 @@ class WebSocketManager:
                     self._apply(binary_effects)
                 continue
             received = receive(frame)
+            end_step()
             if received.reply is not None:
                 self._send_control(received.reply)
             if received.effects:

@@ -1882,3 +1882,40 @@ def test_a_retried_loss_is_info_and_giving_up_is_a_warning(
         r.levelname for r in caplog.records if r.getMessage().startswith("[WS] Connection failed")
     ]
     assert retried == ["INFO", "WARNING"]
+
+
+def test_an_attempt_that_opened_records_how_its_connection_ended() -> None:
+    rt = open_client()
+    rt.clock.advance(3)
+    rt.close(CloseFailure(4500, "Server handshake error"))
+    opened = rt.core.snapshot().recent_attempts[0]
+    assert opened.outcome == "open"
+    assert (opened.close_code, opened.close_reason) == (4500, "Server handshake error")
+    assert (opened.classification, opened.retryable) == ("server_error", True)
+    assert opened.closed_at == T0 + timedelta(seconds=3)
+    assert opened.to_dict()["closed_at"] == "2025-08-15T10:00:03.000Z"
+    assert opened.next_retry_eta is not None  # the retry that followed, on the same entry
+
+
+def test_a_dead_peer_is_recorded_as_a_timeout_and_a_disconnect_as_the_clients_close() -> None:
+    rt = open_client(connection_timeout_ms=CONNECT_MS)
+    rt.fire(Timer.STABLE)
+    rt.fire(Timer.HEARTBEAT)  # degraded
+    rt.fire(Timer.HEARTBEAT)  # dead
+    dead = rt.core.snapshot().recent_attempts[0]
+    assert (dead.classification, dead.close_code, dead.closed_at is not None) == (
+        "timeout",
+        None,
+        True,
+    )
+    mine = open_client()
+    mine.disconnect()
+    closed = mine.core.snapshot().recent_attempts[0]
+    assert (closed.close_code, closed.close_reason, closed.classification) == (
+        1000,
+        "Client disconnect",
+        None,
+    )
+    # A later close does not overwrite how the connection ended.
+    mine.core._connection_ended(DROPPED)
+    assert mine.core.snapshot().recent_attempts[0] == closed

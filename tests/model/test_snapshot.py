@@ -22,18 +22,18 @@ T0 = datetime(2025, 8, 15, 10, 0, 0, tzinfo=UTC)
 
 def failed_attempt(number: int = 1) -> ConnectionAttempt:
     return ConnectionAttempt(
-        number=number,
+        attempt=number,
         phase=Phase.CONNECTING if number == 1 else Phase.RECONNECTING,
-        started_at=T0,
+        timestamp=T0,
         ended_at=T0 + timedelta(milliseconds=250),
         duration_ms=250.0,
         outcome=AttemptOutcome.FAILED,
-        failure_kind="network",
+        classification="network",
         retryable=True,
         detail="connection refused",
         close_code=None,
         next_retry_delay_ms=1000.0,
-        next_retry_at=T0 + timedelta(milliseconds=1250),
+        next_retry_eta=T0 + timedelta(milliseconds=1250),
     )
 
 
@@ -80,30 +80,49 @@ def test_phase_values_are_the_seeds_lowercase_names() -> None:
 
 
 def test_an_in_flight_attempt_needs_only_number_phase_and_start() -> None:
-    attempt = ConnectionAttempt(number=1, phase=Phase.CONNECTING, started_at=T0)
+    attempt = ConnectionAttempt(attempt=1, phase=Phase.CONNECTING, timestamp=T0)
     assert attempt.outcome == "in_flight"
-    assert attempt.to_dict() == {
-        "number": 1,
-        "phase": "connecting",
-        "started_at": "2025-08-15T10:00:00.000Z",
-        "ended_at": None,
+    data = attempt.to_dict()
+    # The seed's field names first (its ConnectionAttempt), then steadysocket's extras.
+    assert list(data)[:7] == [
+        "attempt",
+        "timestamp",
+        "duration_ms",
+        "close_code",
+        "close_reason",
+        "classification",
+        "next_retry_eta",
+    ]
+    assert data == {
+        "attempt": 1,
+        "timestamp": "2025-08-15T10:00:00.000Z",
         "duration_ms": None,
+        "close_code": None,
+        "close_reason": None,
+        "classification": None,
+        "next_retry_eta": None,
+        "phase": "connecting",
         "outcome": "in_flight",
-        "failure_kind": None,
+        "ended_at": None,
+        "closed_at": None,
         "retryable": None,
         "detail": None,
-        "close_code": None,
         "next_retry_delay_ms": None,
-        "next_retry_at": None,
     }
+
+
+def test_the_earlier_attempt_field_names_still_read() -> None:
+    attempt = failed_attempt(2)
+    assert (attempt.number, attempt.started_at, attempt.failure_kind) == (2, T0, "network")
+    assert attempt.next_retry_at == T0 + timedelta(milliseconds=1250)
 
 
 def test_a_failed_attempt_serializes_its_times_with_z_suffix() -> None:
     data = failed_attempt().to_dict()
     assert data["ended_at"] == "2025-08-15T10:00:00.250Z"
-    assert data["next_retry_at"] == "2025-08-15T10:00:01.250Z"
+    assert data["next_retry_eta"] == "2025-08-15T10:00:01.250Z"
     assert data["outcome"] == "failed"
-    assert data["failure_kind"] == "network"
+    assert data["classification"] == "network"
     assert json.loads(json.dumps(data)) == data
 
 
@@ -122,7 +141,7 @@ def test_attempt_numbers_count_from_one() -> None:
 
 
 def test_attempt_rejects_naive_datetimes() -> None:
-    with pytest.raises(ValueError, match="started_at must be timezone-aware"):
+    with pytest.raises(ValueError, match="timestamp must be timezone-aware"):
         ConnectionAttempt(1, Phase.CONNECTING, datetime(2025, 1, 1))
 
 
@@ -177,7 +196,7 @@ def test_state_to_dict_is_json_serializable_and_uses_the_seeds_field_names() -> 
     assert data["phase"] == "open"
     assert data["stats"]["message_counts_by_type"] == {"hello": 1, "ping": 2, "chat": 4}
     assert data["stats"]["connection_start"] == "2025-08-15T10:00:00.000Z"
-    assert [attempt["number"] for attempt in data["recent_attempts"]] == [2, 1]
+    assert [attempt["attempt"] for attempt in data["recent_attempts"]] == [2, 1]
     assert data["last_hello_message"]["type"] == "hello"
     assert data["last_hello_message"]["heartbeat_interval_ms"] == 25000
     assert data["connection_features"] == list(FEATURES)
@@ -228,7 +247,7 @@ def test_a_v2_state_carries_its_delivery_figures() -> None:
 
 
 def test_a_fallback_state_reports_its_reason_and_in_flight_attempt() -> None:
-    probe = ConnectionAttempt(number=1, phase=Phase.FALLBACK, started_at=T0)
+    probe = ConnectionAttempt(attempt=1, phase=Phase.FALLBACK, timestamp=T0)
     state = WSState(
         phase=Phase.FALLBACK,
         client_id="c",

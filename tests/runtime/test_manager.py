@@ -1079,3 +1079,26 @@ def test_ws_debug_shows_debug_lines_through_a_handler_on_the_steadysocket_logger
     finally:
         disable_debug_logging()
     assert package.handlers == []
+
+
+def test_a_run_of_repeated_log_lines_is_summed_up_when_it_ends(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def main() -> list[str]:
+        caplog.set_level(logging.DEBUG, logger="steadysocket")
+        clock, server, m = rig()
+        await m.connect()
+        await clock.settle()
+        for _ in range(3):
+            await server.send("not json")  # the same debug line, three times
+        await server.send('{"type": "chat"}')  # the run ends with this frame
+        await clock.settle()
+        lines = [r.getMessage() for r in caplog.records if r.name.startswith("steadysocket")]
+        await m.destroy()
+        return lines
+
+    lines = run(main)
+    unparseable = [i for i, line in enumerate(lines) if line.startswith("[WS] unparseable")]
+    assert len(unparseable) == 1
+    summary = lines[unparseable[0] + 1]
+    assert summary.startswith("[WS] previous message repeated 2 more times: [WS] unparseable")

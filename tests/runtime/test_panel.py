@@ -22,17 +22,17 @@ def _state(**overrides: object) -> WSState:
         heartbeat_interval_ms=25000,
     )
     failed = ConnectionAttempt(
-        number=2,
+        attempt=2,
         phase=Phase.RECONNECTING,
-        started_at=NOW - timedelta(seconds=3),
+        timestamp=NOW - timedelta(seconds=3),
         ended_at=NOW - timedelta(seconds=2),
         duration_ms=1000.0,
         outcome="failed",
-        failure_kind="network",
+        classification="network",
         retryable=True,
         detail="connection refused",
         next_retry_delay_ms=4000.0,
-        next_retry_at=NOW + timedelta(seconds=2),
+        next_retry_eta=NOW + timedelta(seconds=2),
     )
     fields: dict[str, object] = {
         "phase": Phase.FAILED,
@@ -105,9 +105,9 @@ def test_long_lines_are_clipped_to_the_panel_width() -> None:
 
 def _attempt(number: int, **fields: object) -> ConnectionAttempt:
     return ConnectionAttempt(
-        number=number,
+        attempt=number,
         phase=Phase.RECONNECTING,
-        started_at=NOW - timedelta(seconds=1),
+        timestamp=NOW - timedelta(seconds=1),
         **fields,  # type: ignore[arg-type]
     )
 
@@ -116,7 +116,7 @@ NO_JITTER = BackoffStrategy(base_delays_ms=(1000, 2000, 4000), jitter_ratio=0.0,
 
 
 def test_after_a_failed_attempt_the_panel_shows_attempts_left_and_when_it_gives_up() -> None:
-    failed = _attempt(2, outcome="failed", next_retry_at=NOW + timedelta(seconds=1.5))
+    failed = _attempt(2, outcome="failed", next_retry_eta=NOW + timedelta(seconds=1.5))
     state = _state(phase=Phase.FAILED, recent_attempts=(failed,))
     text = render(state, now=NOW, backoff=NO_JITTER)
     # 1.5 s to attempt 3, then the delays after attempts 3 and 4 (4 s each): 9.5 s.
@@ -136,7 +136,7 @@ def test_while_an_attempt_runs_its_own_delay_still_counts() -> None:
 
 
 def test_jittered_delays_give_a_range() -> None:
-    failed = _attempt(2, outcome="failed", next_retry_at=NOW + timedelta(seconds=2))
+    failed = _attempt(2, outcome="failed", next_retry_eta=NOW + timedelta(seconds=2))
     state = _state(phase=Phase.FAILED, recent_attempts=(failed,))
     lines = outage_lines(state, now=NOW, backoff=BackoffStrategy.create_production_strategy())
     # 2 s, then the delays after attempts 3 to 7: 4 + 8 + 12 + 12 + 12 s, each ±20 %.
