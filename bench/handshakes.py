@@ -8,6 +8,11 @@ either server) runs batches of connections, 32 in flight: TCP connect, upgrade (
 permessage-deflate, as browsers do), read the hello, close with 1000, wait for TCP to close.
 Batches alternate between the two servers.
 
+Protocol v2: the same ``SteadyServer`` process also gets batches of clients asking
+``version=2`` (a v2 hello: a new session, kept resumable for the window after the close, so
+the server holds up to a batch's worth of sessions, one per client id), set against its v1
+batches.
+
 Figures: handshakes per second (wall clock), and the server's CPU time per handshake, which
 does not depend on what else the machine is doing.
 """
@@ -120,7 +125,7 @@ class _HandshakeClient(LoadClient):
             self.send_close(1000)
 
 
-async def _batch(port: int, count: int, limit_s: float) -> dict[str, Any]:
+async def _batch(port: int, count: int, limit_s: float, version: int = 1) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     gate = asyncio.Semaphore(IN_FLIGHT)
     host = f"127.0.0.1:{port}"
@@ -128,7 +133,7 @@ async def _batch(port: int, count: int, limit_s: float) -> dict[str, Any]:
 
     async def one(i: int) -> None:
         nonlocal failures
-        path = f"/ws/client?client_id=hs-{i}&version=1&role=frontend"
+        path = f"/ws/client?client_id=hs-{i}&version={version}&role=frontend"
         client: _HandshakeClient | None = None
         try:
             async with gate:
@@ -160,8 +165,8 @@ def _client_main(conn: multiprocessing.connection.Connection) -> None:
             command = await inbox.get()
             if command[0] == "stop":
                 break
-            _, port, count, timeout = command
-            inbox.reply(await _batch(port, count, timeout))
+            _, port, count, timeout, version = command
+            inbox.reply(await _batch(port, count, timeout, version))
         inbox.close()
 
     asyncio.run(main())
@@ -175,14 +180,16 @@ def run(sizes: Sizes) -> Section:
         "handshakes",
         "3. Connection setup",
         f"Batches of {count:,} connections, {IN_FLIGHT} in flight: connect, upgrade, read the "
-        f"hello, close 1000. Median of {repeats} batches per server, alternating. Server and "
+        f"hello, close 1000. Median of {repeats} batches per server, alternating, and as many "
+        "batches of v2 clients (`version=2`) on the same SteadyServer process. Server and "
         "load generator in separate processes on separate cores.",
     )
     started = time.monotonic()
     timeout = 30 + count / 50
-    rates: dict[str, list[float]] = {"steady": [], "raw": []}
-    cpu_us: dict[str, list[float]] = {"steady": [], "raw": []}
-    gc_us: dict[str, list[float]] = {"steady": [], "raw": []}
+    names = ("steady", "raw", "steady-v2")
+    rates: dict[str, list[float]] = {name: [] for name in names}
+    cpu_us: dict[str, list[float]] = {name: [] for name in names}
+    gc_us: dict[str, list[float]] = {name: [] for name in names}
     client_us: list[float] = []
     others: list[float] = []
     failures = 0
@@ -192,18 +199,23 @@ def run(sizes: Sizes) -> Section:
         Child(_server_main, "raw", cpu=SERVER_CPU, name="raw-server") as raw,
         Child(_client_main, cpu=CLIENT_CPU, name="handshake-client") as client,
     ):
-        servers = {"steady": (steady, steady.receive(30)), "raw": (raw, raw.receive(30))}
-        for _, port in servers.values():
-            client.call(("batch", port, min(count, 500), timeout), timeout + 30)  # warm-up
+        steady_port = steady.receive(30)
+        servers = {
+            "steady": (steady, steady_port, 1),
+            "raw": (raw, raw.receive(30), 1),
+            "steady-v2": (steady, steady_port, 2),
+        }
+        for _, port, version in servers.values():  # warm-up
+            client.call(("batch", port, min(count, 500), timeout, version), timeout + 30)
         for rep in range(repeats):
-            order = ["raw", "steady"] if rep % 2 == 0 else ["steady", "raw"]
-            for name in order:
-                server, port = servers[name]
+            order = ["raw", "steady", "steady-v2"]
+            for name in order if rep % 2 == 0 else reversed(order):
+                server, port, version = servers[name]
                 other = OtherLoad()
                 server.call(("gc",), 30)
                 cpu0 = proc_cpu_seconds(server.pid)
                 client_cpu0 = proc_cpu_seconds(client.pid)
-                result = client.call(("batch", port, count, timeout), timeout + 30)
+                result = client.call(("batch", port, count, timeout, version), timeout + 30)
                 cpu = proc_cpu_seconds(server.pid) - cpu0
                 gc_us[name].append(server.call(("gc",), 30)["total_s"] / count * 1e6)
                 others.append(other.cores(cpu + proc_cpu_seconds(client.pid) - client_cpu0))
@@ -211,12 +223,14 @@ def run(sizes: Sizes) -> Section:
                 rates[name].append(count / result["elapsed"])
                 cpu_us[name].append(cpu / count * 1e6)
                 client_us.append(result["client_cpu"] / count * 1e6)
-        for name, (server, port) in servers.items():
+        for name, (server, port, version) in servers.items():
             server.call(("profile_on",), 30)
-            client.call(("batch", port, count, timeout), timeout + 30)
+            client.call(("batch", port, count, timeout, version), timeout + 30)
             profiles[name] = server.call(("profile_off",), 60)
     value, base = median(rates["steady"]), median(rates["raw"])
     r = ratio(value, base)
+    v2 = median(rates["steady-v2"])
+    v2_ratio = ratio(v2, value)
     section.rows = [
         Row(
             "handshakes per second, hello included",
@@ -239,6 +253,20 @@ def run(sizes: Sizes) -> Section:
             ratio(median(gc_us["steady"]), median(gc_us["raw"])),
         ),
         Row(
+            "v2: handshakes per second, hello with a new session, against v1 (SteadyServer)",
+            f"{fmt(v2)} /s (runs {spread(rates['steady-v2'])})",
+            f"v1: {fmt(value)} /s (runs {spread(rates['steady'])})",
+            v2_ratio,
+            "≥ 0.9x v1",
+            v2_ratio is not None and v2_ratio >= 0.9,
+        ),
+        Row(
+            "v2: server CPU per handshake (of which garbage collection)",
+            f"{fmt(median(cpu_us['steady-v2']))} µs ({fmt(median(gc_us['steady-v2']), 1)})",
+            f"v1: {fmt(median(cpu_us['steady']))} µs ({fmt(median(gc_us['steady']), 1)})",
+            ratio(median(cpu_us["steady-v2"]), median(cpu_us["steady"])),
+        ),
+        Row(
             "load generator CPU per handshake; failed handshakes; others' load",
             f"{fmt(median(client_us))} µs; {failures} failed; "
             f"{fmt(median(others), 2)} cores (median)",
@@ -246,6 +274,8 @@ def run(sizes: Sizes) -> Section:
     ]
     for name, profile in profiles.items():
         title = f"Profile of the {name} server during one batch"
+        if name == "steady-v2":
+            title = "Profile of the steady server during one batch of v2 clients"
         section.blocks.append(render(title, profile, count))
     section.seconds = time.monotonic() - started
     return section
