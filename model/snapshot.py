@@ -148,8 +148,10 @@ class ConnectionAttempt:
 class ConnectionStats:
     """Counters of the seed's ``WSConnectionStats``.
 
-    ``message_counts_by_type`` is stored as a read-only copy, so a stats value never changes
-    after it is built. That field is left out of the hash (a mapping proxy is unhashable) but
+    ``messages_received`` and ``messages_sent`` count the same kinds: every frame, pings, pongs,
+    the hello and v2's acks included (unparseable frames too); ``heartbeats_*`` count the pings
+    and pongs among them. ``message_counts_by_type`` is stored as a read-only copy, so a stats
+    value never changes after it is built. That field is left out of the hash (a mapping proxy is unhashable) but
     still takes part in equality.
     """
 

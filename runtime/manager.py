@@ -1143,6 +1143,9 @@ class WebSocketManager:
                         if now + SEND_TIMEOUT_S - (deadline.when() or now) > 1.0:
                             deadline.reschedule(now + SEND_TIMEOUT_S)
                         if control:
+                            # Counted like data: messages_sent and messages_received both
+                            # count every frame, pings, pongs and acks included.
+                            core.messages_sent += 1
                             await transport.send(control.popleft())
                             continue
                         if delivery is not None:

@@ -1102,3 +1102,26 @@ def test_a_run_of_repeated_log_lines_is_summed_up_when_it_ends(
     assert len(unparseable) == 1
     summary = lines[unparseable[0] + 1]
     assert summary.startswith("[WS] previous message repeated 2 more times: [WS] unparseable")
+
+
+def test_messages_sent_and_received_count_the_same_kinds_of_frames() -> None:
+    async def main() -> tuple[int, int, int, int]:
+        clock, server, m = rig()
+        await m.connect()
+        await clock.settle()
+        await server.ping()  # received: a ping; sent: its pong
+        await clock.settle()
+        assert m.ping()  # sent: a ping; received: its pong
+        m.send({"type": "chat"})  # sent: data
+        await clock.settle()
+        stats = m.get_state().stats
+        await m.destroy()
+        return (
+            stats.messages_received,
+            stats.messages_sent,
+            stats.heartbeats_received,
+            stats.heartbeats_sent,
+        )
+
+    # received: hello, ping, pong; sent: pong, ping, chat. Pings and pongs count on both sides.
+    assert run(main) == (3, 3, 2, 2)
