@@ -910,19 +910,20 @@ def ack_text(name: str, value: int, timestamp: str) -> str:
     return f'{{"type":"ack","{name}":{value},"timestamp":"{timestamp}"}}'
 
 
-def reply_text(request_id: int, result: Any) -> str:
-    """The answer to a request: ``{"type":"reply","id":N,"result":R}``.
+def reply_text(request_id: int, result: Any, timestamp: str) -> str:
+    """The answer to a request: ``{"type":"reply","id":N,"result":R,"timestamp":T}``.
 
     Raises:
         TypeError, ValueError: ``result`` cannot be encoded as JSON.
     """
-    return _dumps({"type": "reply", "id": request_id, "result": result})
+    return _dumps({"type": "reply", "id": request_id, "result": result, "timestamp": timestamp})
 
 
-def reply_error_text(request_id: int, code: ErrorCode, message: str) -> str:
-    """A request failed: ``{"type":"reply","id":N,"error":{"error_code","message"}}``."""
+def reply_error_text(request_id: int, code: ErrorCode, message: str, timestamp: str) -> str:
+    """A request failed: ``{"type":"reply","id":N,"error":{"error_code","message"},
+    "timestamp":T}``."""
     error = {"error_code": str(code), "message": message}
-    return _dumps({"type": "reply", "id": request_id, "error": error})
+    return _dumps({"type": "reply", "id": request_id, "error": error, "timestamp": timestamp})
 
 
 # --------------------------------------------------------------------------------------------

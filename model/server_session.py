@@ -1227,7 +1227,7 @@ class ServerSession:
 
     # ---- request / reply (docs/protocol.md, v2 point 8; both versions) ----------------------
 
-    def reply(self, action: Deliver, result: object) -> str | None:
+    def reply(self, action: Deliver, result: object, *, wall: datetime) -> str | None:
         """The reply to a request whose handler returned ``result``, or None when none is due:
         the message was no request, or (v2) the handler returned None (the ack covering its
         id answers it). In v1 a request is always answered, ``"result": null`` included.
@@ -1238,9 +1238,9 @@ class ServerSession:
         """
         if action.reply_to is None or (result is None and action.msg_id is not None):
             return None
-        return reply_text(action.reply_to, result)
+        return reply_text(action.reply_to, result, format_timestamp(wall))
 
-    def reply_error(self, action: Deliver, problem: str) -> str | None:
+    def reply_error(self, action: Deliver, problem: str, *, wall: datetime) -> str | None:
         """The reply to a request whose handler raised (or returned what JSON cannot encode):
         ``{"type":"reply","id":N,"error":{"error_code":"HANDLER_ERROR","message":...}}``, the
         message cut to :data:`MAX_REPLY_ERROR_CHARS`; None when the message was no request."""
@@ -1248,7 +1248,9 @@ class ServerSession:
             return None
         if len(problem) > MAX_REPLY_ERROR_CHARS:
             problem = problem[: MAX_REPLY_ERROR_CHARS - 1] + "…"
-        return reply_error_text(action.reply_to, ErrorCode.HANDLER_ERROR, problem)
+        return reply_error_text(
+            action.reply_to, ErrorCode.HANDLER_ERROR, problem, format_timestamp(wall)
+        )
 
     # ---- replies the application asks for ---------------------------------------------------
 

@@ -151,8 +151,8 @@ class ConnectionStats:
     ``messages_received`` and ``messages_sent`` count the same kinds: every frame, pings, pongs,
     the hello and v2's acks included (unparseable frames too); ``heartbeats_*`` count the pings
     and pongs among them. ``message_counts_by_type`` is stored as a read-only copy, so a stats
-    value never changes after it is built. That field is left out of the hash (a mapping proxy is unhashable) but
-    still takes part in equality.
+    value never changes after it is built. That field is left out of the hash (a mapping proxy
+    is unhashable) but still takes part in equality.
     """
 
     total_attempts: int = 0

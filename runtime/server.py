@@ -1271,7 +1271,7 @@ class Endpoints:
             result = await handler(action.message, client)
         except Exception as exc:
             logger.exception("handler for %r failed (client %s)", action.type, client.client_id)
-            reply = session.reply_error(action, _describe_exception(exc))
+            reply = session.reply_error(action, _describe_exception(exc), wall=self._wall_clock())
         except BaseException:
             if live is not None:  # cancelled before it returned: not handled
                 session.interrupted(action)
@@ -1279,7 +1279,7 @@ class Endpoints:
             raise
         else:
             try:
-                reply = session.reply(action, result)
+                reply = session.reply(action, result, wall=self._wall_clock())
             except (TypeError, ValueError) as exc:
                 logger.error(
                     "handler for %r returned a value JSON cannot encode (client %s): %s",
@@ -1288,7 +1288,7 @@ class Endpoints:
                     _describe_exception(exc),
                 )
                 problem = f"the handler's result is not JSON: {_describe_exception(exc)}"
-                reply = session.reply_error(action, problem)
+                reply = session.reply_error(action, problem, wall=self._wall_clock())
         if reply is not None:
             self._send_app(conn, reply)
         if live is not None:

@@ -779,10 +779,11 @@ def test_validate_query_reasons_fit_in_a_close_frame_for_any_unicode_values(
     result = validate_query({"version": [version], "role": [role], "client_id": [client_id]})
     if isinstance(result, Reject):
         assert len(result.reason.encode("utf-8")) <= MAX_CLOSE_REASON_BYTES
-        if version != "1":
+        if version not in ("1", "2"):
             assert result.code is CloseCode.UNSUPPORTED_VERSION
     else:
-        assert (version, client_id) == ("1", result.client_id)
+        assert version in ("1", "2")
+        assert (int(version), client_id) == (result.version, result.client_id)
         assert role == result.role
 
 
@@ -790,8 +791,8 @@ def test_validate_query_reasons_fit_in_a_close_frame_for_any_unicode_values(
 @given(st.text(alphabet=st.characters(codec="utf-8")))
 def test_validate_query_round_trips_urlencoded_unicode_values(value: str) -> None:
     result = validate_query(urlencode({"version": value, "client_id": "abc"}))
-    if value == "1":
-        assert result == Accept("abc", 1, Role.FRONTEND)
+    if value in ("1", "2"):
+        assert result == Accept("abc", int(value), Role.FRONTEND)
     else:
         assert isinstance(result, Reject)
         assert result.code is CloseCode.UNSUPPORTED_VERSION
@@ -1043,17 +1044,23 @@ def test_session_tokens_are_url_safe_and_bounded() -> None:
 def test_acks_and_replies_have_their_documented_shape() -> None:
     assert json.loads(ack_text("id", 7, "T")) == {"type": "ack", "id": 7, "timestamp": "T"}
     assert json.loads(ack_text("offset", 0, "T")) == {"type": "ack", "offset": 0, "timestamp": "T"}
-    assert json.loads(reply_text(3, {"a": [1]})) == {"type": "reply", "id": 3, "result": {"a": [1]}}
-    assert json.loads(reply_text(4, None)) == {"type": "reply", "id": 4, "result": None}
-    assert json.loads(reply_error_text(5, ErrorCode.HANDLER_ERROR, "boom")) == {
+    assert json.loads(reply_text(3, {"a": [1]}, "T")) == {
+        "type": "reply",
+        "id": 3,
+        "result": {"a": [1]},
+        "timestamp": "T",
+    }
+    assert json.loads(reply_text(4, None, "T"))["result"] is None
+    assert json.loads(reply_error_text(5, ErrorCode.HANDLER_ERROR, "boom", "T")) == {
         "type": "reply",
         "id": 5,
         "error": {"error_code": "HANDLER_ERROR", "message": "boom"},
+        "timestamp": "T",
     }
     with pytest.raises(TypeError):
-        reply_text(1, object())
+        reply_text(1, object(), "T")
     with pytest.raises(ValueError, match="JSON"):
-        reply_text(1, float("nan"))
+        reply_text(1, float("nan"), "T")
 
 
 def test_build_client_url_adds_and_replaces_the_resume_parameters() -> None:

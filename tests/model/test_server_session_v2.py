@@ -26,6 +26,7 @@ from steadysocket.model.server_session import (
 )
 
 WALL = datetime(2025, 8, 15, 10, 0, 0, 123456, tzinfo=UTC)
+STAMP = "2025-08-15T10:00:00.123Z"
 TS = "2025-08-15T10:00:00.123Z"
 CONFIG = ServerConfig(heartbeat_interval_ms=1000, connection_timeout_ms=3000)
 ERROR = '{{"type":"error","error_code":"INVALID_MESSAGE","message":{},"timestamp":"' + TS + '"}}'
@@ -255,35 +256,41 @@ def test_a_v1_message_with_an_integer_id_is_a_request_and_keeps_its_id(
 def test_v1_replies_answer_requests_only_and_null_too() -> None:
     session, _ = v2(store(), "client_id=c1")
     request = Deliver({"type": "q", "id": 7}, reply_to=7)
-    assert session.reply(Deliver({"type": "q"}), 5) is None
-    assert session.reply(request, None) == '{"type":"reply","id":7,"result":null}'
-    assert session.reply(request, {"a": [1]}) == '{"type":"reply","id":7,"result":{"a":[1]}}'
-    assert session.reply_error(Deliver({"type": "q"}), "boom") is None
-    assert session.reply_error(request, "ValueError: boom") == (
+    assert session.reply(Deliver({"type": "q"}), 5, wall=WALL) is None
+    assert session.reply(request, None, wall=WALL) == (
+        f'{{"type":"reply","id":7,"result":null,"timestamp":"{STAMP}"}}'
+    )
+    assert session.reply(request, {"a": [1]}, wall=WALL) == (
+        f'{{"type":"reply","id":7,"result":{{"a":[1]}},"timestamp":"{STAMP}"}}'
+    )
+    assert session.reply_error(Deliver({"type": "q"}), "boom", wall=WALL) is None
+    assert session.reply_error(request, "ValueError: boom", wall=WALL) == (
         '{"type":"reply","id":7,"error":{"error_code":"HANDLER_ERROR",'
-        '"message":"ValueError: boom"}}'
+        f'"message":"ValueError: boom"}},"timestamp":"{STAMP}"}}'
     )
 
 
 def test_a_v2_reply_is_sent_only_for_a_value() -> None:
     session, _ = v2(store())
     action = Deliver({"type": "q"}, msg_id=3, reply_to=3)
-    assert session.reply(action, None) is None
-    assert session.reply(action, 0) == '{"type":"reply","id":3,"result":0}'
+    assert session.reply(action, None, wall=WALL) is None
+    assert session.reply(action, 0, wall=WALL) == (
+        f'{{"type":"reply","id":3,"result":0,"timestamp":"{STAMP}"}}'
+    )
 
 
 def test_a_result_json_cannot_encode_raises_for_the_runtime_to_answer_with_an_error() -> None:
     session, _ = v2(store())
     action = Deliver({"type": "q"}, msg_id=3, reply_to=3)
     with pytest.raises(TypeError):
-        session.reply(action, {1, 2})
+        session.reply(action, {1, 2}, wall=WALL)
     with pytest.raises(ValueError, match="Out of range"):
-        session.reply(action, float("nan"))
+        session.reply(action, float("nan"), wall=WALL)
 
 
 def test_a_long_error_message_is_cut() -> None:
     session, _ = v2(store())
-    reply = session.reply_error(Deliver({"type": "q"}, reply_to=1), "x" * 5000)
+    reply = session.reply_error(Deliver({"type": "q"}, reply_to=1), "x" * 5000, wall=WALL)
     assert reply is not None
     message = json.loads(reply)["error"]["message"]
     assert len(message) == MAX_REPLY_ERROR_CHARS

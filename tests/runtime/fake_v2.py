@@ -241,7 +241,7 @@ class FakeV2Server:
         if link.version == 1:
             self.handled.append(("v1", data.get("n", -1)))
             if isinstance(data.get("id"), int) and self.reply_to_requests:
-                link.push(reply_text(data["id"], {"n": data.get("n")}))
+                link.push(reply_text(data["id"], {"n": data.get("n")}, "2025-01-01T00:00:00.000Z"))
             return
         if kind == "ack":
             assert session.client_acked(data["offset"]), f"ack of an offset never sent: {text}"
@@ -250,7 +250,8 @@ class FakeV2Server:
         if str(verdict) == "deliver":
             self.handled.append((session.session_id, data.get("n", -1)))
             if data.get("request") and self.reply_to_requests:
-                link.push(session.publish(reply_text(data["id"], {"n": data.get("n")})))
+                reply = reply_text(data["id"], {"n": data.get("n")}, "2025-01-01T00:00:00.000Z")
+                link.push(session.publish(reply))
             ack = session.handled(data["id"])
         else:
             assert str(verdict) == "duplicate", f"{verdict} for {text}"
