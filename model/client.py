@@ -132,6 +132,9 @@ class ClientConfig:
     """v1: messages queued while no connection is open; v2: messages not yet acknowledged."""
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     """The largest encoded message ``send()`` accepts; the server's default limit."""
+    alternate_urls: tuple[str, ...] = ()
+    """More base URLs (other servers of one cluster): after a failed attempt or a lost
+    connection the next attempt dials the next URL, round the list, like Ably's fallback hosts."""
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     """v2's ack batching (``ack_every``, ``ack_interval_ms``); the rest is the server's."""
 
@@ -145,7 +148,8 @@ class ClientConfig:
         if self.max_message_bytes < 1:
             raise ValueError(f"max_message_bytes must be >= 1, got {self.max_message_bytes!r}")
         # Raises ValueError with the reason for a malformed URL.
-        build_client_url(self.base_url, self.client_id, self.version, self.role)
+        for base_url in (self.base_url, *self.alternate_urls):
+            build_client_url(base_url, self.client_id, self.version, self.role)
 
     @property
     def url(self) -> str:
@@ -211,6 +215,7 @@ class ClientCore:
         """The configured limit, lowered to what a v2 server's hello says it accepts."""
         self._returns: list[tuple[str, list[str]]] = []
         self._resume_report: ResumeReport | None = None
+        self._url_index = 0
         self.lifecycle = Lifecycle(
             backoff=backoff if backoff is not None else BackoffStrategy(),
             connection_timeout_ms=config.connection_timeout_ms,
@@ -251,13 +256,22 @@ class ClientCore:
     # -- state -----------------------------------------------------------------------------
 
     @property
+    def base_urls(self) -> tuple[str, ...]:
+        """The base URLs dialled in turn: ``base_url``, then ``alternate_urls``."""
+        return (self.config.base_url, *self.config.alternate_urls)
+
+    @property
     def url(self) -> str:
         """The URL the next attempt dials (in v2 with the resume query, once there is a
         session)."""
         resume = self.delivery.resume_query() if self.delivery is not None else None
         config = self.config
         return build_client_url(
-            config.base_url, config.client_id, self.version, config.role, resume=resume
+            self.base_urls[self._url_index % len(self.base_urls)],
+            config.client_id,
+            self.version,
+            config.role,
+            resume=resume,
         )
 
     @property
@@ -420,7 +434,14 @@ class ClientCore:
         self.delivery = None
         self.version = 1
 
+    def _next_url(self) -> None:
+        """A failure: the next attempt dials the next base URL (round the list)."""
+        if len(self.base_urls) > 1:
+            self._url_index = (self._url_index + 1) % len(self.base_urls)
+            self.log.info("[WS] next attempt goes to %s", self.base_urls[self._url_index])
+
     def _failed(self, failure: Failure, *, retry: bool = False) -> list[Effect]:
+        self._next_url()
         classification = classify(failure)
         self.last_failure = failure
         # A failure that is retried is news, not a fault: INFO. WARNING is for what gives up
@@ -444,6 +465,7 @@ class ClientCore:
         self._opened_at = None
         self.last_failure = failure
         self._connection_ended(failure)
+        self._next_url()
         if isinstance(failure, CloseFailure) and failure.code == 1000:
             self.log.info("[WS] server closed the connection normally")
             return self._fire("closed_by_server")
@@ -518,6 +540,7 @@ class ClientCore:
             self.live_generation = None
             self._opened_at = None
             self._connection_ended(failure)
+            self._next_url()
             self.log.info("[WS] peer dead: %s", failure.describe())
             effects = self._fire("peer_dead")
             self._note_retry(effects)

@@ -43,7 +43,7 @@ import time
 import uuid
 import weakref
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
@@ -300,7 +300,9 @@ class MessageStream:
 class WebSocketManager:
     """Holds one connection to a steadysocket server through the declared lifecycle.
 
-    ``base_url`` defaults to ``$WS_URL`` (else ``ws://localhost:8000``); ``client_id`` to a fresh
+    ``base_url`` defaults to ``$WS_URL`` (else ``ws://localhost:8000``); a list of base URLs
+    (servers of one cluster) is dialled in turn, the next after each failed attempt or lost
+    connection (protocol v2 resumes the session on whichever serves it). ``client_id`` to a fresh
     UUID4. ``WEBSOCKET_ENABLED=false`` keeps the manager idle: ``connect()`` logs and returns.
     ``WS_DEBUG=1`` shows the ``steadysocket`` logger's debug lines on stderr, also in a program
     that set up no logging (``steadysocket.runtime.debuglog``). Explicit arguments win over the
@@ -323,7 +325,7 @@ class WebSocketManager:
 
     def __init__(
         self,
-        base_url: str | None = None,
+        base_url: str | Sequence[str] | None = None,
         client_id: str | None = None,
         *,
         connection_timeout_ms: float = 10_000,
@@ -353,8 +355,14 @@ class WebSocketManager:
                 f"of max_message_bytes ({max_message_bytes})"
             )
         self.enabled = enabled if enabled is not None else _env_flag(env, "WEBSOCKET_ENABLED", True)
+        if base_url is None:
+            base_url = env.get("WS_URL", DEFAULT_URL)
+        urls = (base_url,) if isinstance(base_url, str) else tuple(base_url)
+        if not urls:
+            raise ValueError("base_url: give at least one URL")
         config = ClientConfig(
-            base_url=base_url if base_url is not None else env.get("WS_URL", DEFAULT_URL),
+            base_url=urls[0],
+            alternate_urls=urls[1:],
             client_id=client_id if client_id is not None else str(uuid.uuid4()),
             version=version,
             role=role,

@@ -1919,3 +1919,31 @@ def test_a_dead_peer_is_recorded_as_a_timeout_and_a_disconnect_as_the_clients_cl
     # A later close does not overwrite how the connection ended.
     mine.core._connection_ended(DROPPED)
     assert mine.core.snapshot().recent_attempts[0] == closed
+
+
+def test_several_base_urls_are_dialled_in_turn_after_each_failure() -> None:
+    rt = client(alternate_urls=("ws://b:8000", "ws://c:8000/api"))
+    hosts = [urlsplit(rt.core.url).netloc]
+    rt.connect()
+    rt.fail(REFUSED)
+    hosts.append(urlsplit(rt.core.url).netloc)
+    rt.fire(Timer.RETRY)
+    rt.hello()
+    rt.close(DROPPED)  # a lost connection moves on too
+    hosts.append(urlsplit(rt.core.url).netloc)
+    assert urlsplit(rt.core.url).path == "/api/ws/client"
+    rt.fire(Timer.RETRY)
+    rt.hello()
+    rt.fire(Timer.STABLE)
+    rt.fire(Timer.HEARTBEAT)
+    rt.fire(Timer.HEARTBEAT)  # a dead peer as well, round the list
+    hosts.append(urlsplit(rt.core.url).netloc)
+    assert hosts == ["localhost:8000", "b:8000", "c:8000", "localhost:8000"]
+    with pytest.raises(ValueError, match="ws:// or wss://"):
+        client(alternate_urls=("http://nope",))
+
+
+def test_one_base_url_stays_put() -> None:
+    rt = open_client()
+    rt.close(DROPPED)
+    assert urlsplit(rt.core.url).netloc == "localhost:8000"

@@ -13,6 +13,7 @@ from steadysocket.model.snapshot import Phase, WSState
 from steadysocket.runtime.faultproxy import FaultProxy, Mode
 from steadysocket.runtime.manager import WebSocketManager
 from steadysocket.runtime.server import SteadyServer
+from tests.runtime.adapters import closed_port
 from tests.runtime.fakes import LoopbackServer, Script
 
 TIMEOUT = 10.0
@@ -27,7 +28,7 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(bounded())
 
 
-def _manager(url: str, **kwargs: Any) -> tuple[WebSocketManager, list[Phase]]:
+def _manager(url: str | list[str], **kwargs: Any) -> tuple[WebSocketManager, list[Phase]]:
     options: dict[str, Any] = {
         "backoff_strategy": BackoffStrategy(
             base_delays_ms=(50, 100), jitter_ratio=0.0, max_attempts=3
@@ -216,3 +217,24 @@ def test_no_task_is_left_after_disconnect() -> None:
     before, after = run(body())
     assert not any(name.startswith("steadysocket") for name in before)
     assert {name for name in after if name.startswith("steadysocket")} == set()
+
+
+def test_a_list_of_urls_is_dialled_in_turn_until_one_serves() -> None:
+    async def body() -> tuple[str, int, list[str | None]]:
+        async with _server() as server:
+            down = f"ws://127.0.0.1:{closed_port()}"
+            manager, _ = _manager([down, server.url])
+            await manager.connect()
+            await manager.wait_for(Phase.OPEN, timeout=TIMEOUT)
+            state = manager.get_state()
+            await manager.disconnect()
+            return state.url, server.port, [a.classification for a in state.recent_attempts]
+
+    url, port, classifications = run(body())
+    assert url.startswith(f"ws://127.0.0.1:{port}/ws/client?")
+    assert classifications == [None, "network"]  # opened on the second, after the first
+
+
+def test_an_empty_list_of_urls_is_refused() -> None:
+    with pytest.raises(ValueError, match="at least one URL"):
+        WebSocketManager([], "e2e", environ={})
