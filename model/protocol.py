@@ -727,14 +727,14 @@ SYSTEM_MESSAGES: Mapping[str, type[SystemMessage]] = MappingProxyType(
 
 
 def _reject_constant(name: str) -> Any:
-    raise InvalidJSON(f"not valid JSON: {name} is not a JSON number")
+    raise InvalidJSON(f"Invalid JSON format: {name} is not a JSON number")
 
 
 def _parse_float(literal: str) -> float:
     value = float(literal)
     # 1e999 parses as inf, which could never be encoded back to JSON.
     if not math.isfinite(value):
-        raise InvalidJSON(f"not valid JSON: number {_short_repr(literal)} is out of range")
+        raise InvalidJSON(f"Invalid JSON format: number {_short_repr(literal)} is out of range")
     return value
 
 
@@ -776,19 +776,19 @@ def decode_text(text: str) -> dict[str, Any]:
     except InvalidJSON:
         raise
     except RecursionError:
-        raise InvalidJSON(f"JSON nested too deeply (limit {MAX_NESTING_DEPTH} levels)") from None
+        raise InvalidJSON(f"Invalid JSON format: nested too deeply (limit {MAX_NESTING_DEPTH} levels)") from None
     except json.JSONDecodeError as exc:
         raise InvalidJSON(
-            f"not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
+            f"Invalid JSON format: {exc.msg} (line {exc.lineno}, column {exc.colno})"
         ) from None
     except ValueError:
         # Python refuses integers of more than 4300 digits with a plain ValueError, whose
         # advice about sys.set_int_max_str_digits() means nothing to a remote peer.
-        raise InvalidJSON("not valid JSON: an integer has too many digits") from None
+        raise InvalidJSON("Invalid JSON format: an integer has too many digits") from None
     # Counting brackets is C-speed and almost always proves the walk unnecessary.
     brackets = text.count("[") + text.count("{")
     if brackets > MAX_NESTING_DEPTH and _nesting_exceeds(value, MAX_NESTING_DEPTH):
-        raise InvalidJSON(f"JSON nested too deeply (limit {MAX_NESTING_DEPTH} levels)")
+        raise InvalidJSON(f"Invalid JSON format: nested too deeply (limit {MAX_NESTING_DEPTH} levels)")
     if not isinstance(value, dict):
         raise InvalidMessage(
             f"message must be a JSON object, got {_json_kind(value)} {_short_repr(value)}"

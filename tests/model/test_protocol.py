@@ -445,7 +445,7 @@ def test_from_dict_rejects_something_that_is_not_a_mapping(cls: type[Any]) -> No
     "text", ["", "{", "not json", "{'type': 'x'}", '{"type": "x",}', "NaN", "Infinity", "-Infinity"]
 )
 def test_decode_text_raises_invalid_json_for_text_that_is_not_json(text: str) -> None:
-    with pytest.raises(InvalidJSON, match="not valid JSON") as info:
+    with pytest.raises(InvalidJSON, match="^Invalid JSON format: ") as info:
         decode_text(text)
     assert info.value.error_code is ErrorCode.INVALID_JSON
 

@@ -268,7 +268,7 @@ def test_invalid_json_gets_an_invalid_json_error_and_the_session_stays_open() ->
     session = opened()
     text = only_text(session.receive_text("{nope", now=1, wall=WALL))
     assert text == (
-        '{"type":"error","error_code":"INVALID_JSON","message":"not valid JSON: '
+        '{"type":"error","error_code":"INVALID_JSON","message":"Invalid JSON format: '
         'Expecting property name enclosed in double quotes (line 1, column 2)",'
         '"timestamp":"2025-08-15T10:00:00.123Z"}'
     )
