@@ -433,7 +433,9 @@ def run(sizes: Sizes) -> Section:
         f"server in separate processes pinned to separate cores. {count:,} messages per run, "
         f"median of {repeats} runs per figure, raw and managed runs alternating. The bench "
         "server is a bare asyncio protocol (no websockets, no JSON on the data path), so the "
-        "client is the bottleneck. No compression (the bench server negotiates none).",
+        "client is the bottleneck. No compression (the bench server negotiates none). The v2 "
+        "rows run the managed client with `version=2` (ids acked by the bench server every 32 "
+        "frames, offsets acked by the client) and are set against the managed v1 rows.",
     )
     started = time.monotonic()
     with Child(_server_main, cpu=SERVER_CPU, name="client-path-server") as server:
