@@ -465,6 +465,8 @@ class ClientModel:
         if conn is None:
             return
         conn.received.append(kind)
+        if not kind.startswith("msg:"):
+            self.messages_sent += 1  # pings and pongs count as frames written, as data does
         if kind == "ping" and self.script.responsive:
             self.pending.append(lambda: self.frame_arrives(conn, "pong"))
 
