@@ -1,4 +1,4 @@
-"""Tools for testing your own application against a link that fails on cue.
+"""The fault proxy: a real TCP link that fails on cue (part of :mod:`steadysocket.testing`).
 
 :class:`FaultProxy` is a TCP proxy on 127.0.0.1 that sits between your client and a server (a
 :class:`~steadysocket.runtime.server.SteadyServer` on port 0 works well) and misbehaves when told
@@ -52,7 +52,7 @@ from typing import Self
 
 __all__ = ["FaultProxy", "Flap", "Mode"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("steadysocket.testing")
 
 CHUNK = 65536
 QUEUE_CHUNKS = 16
