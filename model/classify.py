@@ -18,6 +18,7 @@ __all__ = [
     "NETWORK_CLOSE_CODES",
     "NETWORK_ERROR_KINDS",
     "NORMAL_CLOSE_CODES",
+    "RETRYABLE_HANDSHAKE_CLOSE_CODES",
     "RETRYABLE_CLIENT_ERROR_STATUSES",
     "RETRYABLE_HANDSHAKE_ERROR_KINDS",
     "SERVER_ERROR_CLOSE_CODES",
@@ -64,6 +65,8 @@ class ErrorKind(StrEnum):
     """The hello's ``accepted_version`` differs from the version requested."""
     NO_CLOSE_FRAME = "no_close_frame"
     """The connection ended without a close frame."""
+    AUTH = "auth"
+    """The client's ``auth`` callable raised, or returned something that is not credentials."""
     OTHER = "other"
     """Anything the runtime could not place more precisely."""
 
@@ -77,6 +80,7 @@ _ERROR_LABELS: dict[ErrorKind, str] = {
     ErrorKind.INVALID_HELLO: "invalid hello",
     ErrorKind.VERSION_MISMATCH: "protocol version mismatch",
     ErrorKind.NO_CLOSE_FRAME: "connection lost without a close frame",
+    ErrorKind.AUTH: "auth() failed",
     ErrorKind.OTHER: "error",
 }
 
@@ -129,8 +133,13 @@ class Classification:
     retryable: bool
 
 
-HANDSHAKE_CLOSE_CODES: frozenset[int] = frozenset({4400, 4401, 1008})
-"""The server rejected our query parameters; the same request will be rejected again."""
+HANDSHAKE_CLOSE_CODES: frozenset[int] = frozenset({4400, 4401, 1008, 4403})
+"""The server rejected our query parameters (4400, 4401, 1008) or our credentials (4403); the
+same request will be rejected again."""
+
+RETRYABLE_HANDSHAKE_CLOSE_CODES: frozenset[int] = frozenset({4419})
+"""The server refused credentials that expired (4419): the next attempt asks the client's
+``auth`` callable again, so it carries a fresh token."""
 
 SERVER_ERROR_CLOSE_CODES: frozenset[int] = frozenset({4500, 1011})
 """The server failed on its side; it may recover."""
@@ -160,8 +169,11 @@ TIMEOUT_ERROR_KINDS: frozenset[ErrorKind] = frozenset(
 ABNORMAL_ERROR_KINDS: frozenset[ErrorKind] = frozenset({ErrorKind.NO_CLOSE_FRAME})
 """The connection ended without a close frame, the exception-side twin of close code 1006."""
 
-RETRYABLE_HANDSHAKE_ERROR_KINDS: frozenset[ErrorKind] = frozenset({ErrorKind.INVALID_HELLO})
-"""A garbled or missing hello may be a transient server fault."""
+RETRYABLE_HANDSHAKE_ERROR_KINDS: frozenset[ErrorKind] = frozenset(
+    {ErrorKind.INVALID_HELLO, ErrorKind.AUTH}
+)
+"""A garbled or missing hello may be a transient server fault; an ``auth`` callable that
+failed (its token service down) is called again before the next attempt."""
 
 TERMINAL_HANDSHAKE_ERROR_KINDS: frozenset[ErrorKind] = frozenset({ErrorKind.VERSION_MISMATCH})
 """The server will keep offering the same version, so retrying cannot help."""
@@ -186,6 +198,8 @@ def classify(failure: Failure) -> Classification:
 def _classify_close(code: int) -> Classification:
     if code in HANDSHAKE_CLOSE_CODES:
         return Classification(FailureKind.HANDSHAKE, retryable=False)
+    if code in RETRYABLE_HANDSHAKE_CLOSE_CODES:
+        return Classification(FailureKind.HANDSHAKE, retryable=True)
     if code in SERVER_ERROR_CLOSE_CODES:
         return Classification(FailureKind.SERVER_ERROR, retryable=True)
     if code in ABNORMAL_CLOSE_CODES:

@@ -43,6 +43,7 @@ ROWS: list[Row] = [
     case(CloseFailure(4400, "Unsupported version"), HANDSHAKE, False, "close-4400"),
     case(CloseFailure(4401, "Invalid role"), HANDSHAKE, False, "close-4401"),
     case(CloseFailure(1008, "Invalid client_id"), HANDSHAKE, False, "close-1008"),
+    case(CloseFailure(4403, "Authentication failed"), HANDSHAKE, False, "close-4403"),
     case(HttpFailure(400), HANDSHAKE, False, "http-400"),
     case(HttpFailure(401), HANDSHAKE, False, "http-401"),
     case(HttpFailure(403), HANDSHAKE, False, "http-403"),
@@ -53,6 +54,9 @@ ROWS: list[Row] = [
     case(HttpFailure(408), HANDSHAKE, True, "http-408"),
     case(HttpFailure(429), HANDSHAKE, True, "http-429"),
     case(ErrorFailure(ErrorKind.INVALID_HELLO), HANDSHAKE, True, "invalid-hello"),
+    # an expired token, or an auth() that failed: auth() is asked again before the next attempt
+    case(CloseFailure(4419, "Token expired"), HANDSHAKE, True, "close-4419"),
+    case(ErrorFailure(ErrorKind.AUTH, "auth() raised OSError"), HANDSHAKE, True, "auth-error"),
     # server_error, retryable
     case(CloseFailure(4500, "Server handshake error"), SERVER_ERROR, True, "close-4500"),
     case(CloseFailure(1011, "heartbeat timeout"), SERVER_ERROR, True, "close-1011"),
@@ -123,7 +127,7 @@ def test_classify_is_total_over_arbitrary_failures(failure: Failure) -> None:
 @given(code=st.integers(), reason=st.text())
 def test_only_handshake_codes_and_1000_stop_retrying_after_a_close(code: int, reason: str) -> None:
     result = classify(CloseFailure(code, reason))
-    assert result.retryable == (code not in {4400, 4401, 1008, 1000})
+    assert result.retryable == (code not in {4400, 4401, 1008, 4403, 1000})
     # The reason is for humans; it never changes the classification.
     assert result == classify(CloseFailure(code))
 
