@@ -308,6 +308,7 @@ class SteadyASGI(Endpoints):
         """
         await self.close_clients()
         self.stop_gc()
+        await self.stop_broker()
 
     # ---- scopes -----------------------------------------------------------------------------
 
@@ -317,6 +318,7 @@ class SteadyASGI(Endpoints):
             if message["type"] == "lifespan.startup":
                 self._stopping = False
                 self.start_gc()
+                await self.start_broker()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await self.close()

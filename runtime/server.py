@@ -107,6 +107,7 @@ from websockets.protocol import Event, State
 from steadysocket.model.delivery import DeliveryConfig, Inbound, SessionStore
 from steadysocket.model.delivery import ServerSession as DeliverySession
 from steadysocket.model.protocol import CloseCode, MessageType
+from steadysocket.model.routing import Publication, Rooms, Target, check_room, route
 from steadysocket.model.server_session import (
     OUTBOX_OVERFLOW,
     RATE_LIMITED,
@@ -134,6 +135,7 @@ from steadysocket.model.server_session import (
     legacy_reply,
     match_route,
 )
+from steadysocket.runtime.broker import Broker, MemoryBroker
 
 __all__ = [
     "Client",
@@ -712,6 +714,34 @@ class Client:
         await asyncio.sleep(0)
         return queued
 
+    async def join(self, room: str) -> None:
+        """Put this client id in ``room``: :meth:`Endpoints.publish` to the room reaches it, in
+        whichever process it is connected, and :meth:`Endpoints.presence` lists it.
+
+        Membership belongs to the client id in this process: its other connections here are
+        members too, and it lasts until the client id has no connection left here (v2: and
+        no resumable session, so publications during an outage are replayed on resume).
+        Returns once the broker announced it (a no-op when it already was a member).
+
+        Raises:
+            ValueError, TypeError: a bad room name (1 to 256 bytes of UTF-8).
+        """
+        await self._endpoints._join(self.client_id, room)
+
+    async def leave(self, room: str) -> None:
+        """Take this client id out of ``room`` (a no-op if it is not a member).
+
+        Raises:
+            ValueError, TypeError: a bad room name.
+        """
+        self._endpoints._leave(self.client_id, room)
+        await asyncio.sleep(0)
+
+    @property
+    def rooms(self) -> frozenset[str]:
+        """The rooms this client id is in, in this process."""
+        return self._endpoints._rooms.rooms_of(self.client_id)
+
     async def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """Close this connection with ``code`` and ``reason`` (cut to 123 bytes).
 
@@ -759,6 +789,7 @@ class EndpointOptions(TypedDict, total=False):
     rate_limit_window_ms: int | None
     max_outbox_bytes: int | None
     delivery: DeliveryConfig | None
+    broker: Broker | None
     gc_policy: GcPolicy | None
     environ: Mapping[str, str] | None
     default_handler: MessageHandler
@@ -800,6 +831,9 @@ class Endpoints:
         config: complete settings; not combinable with the individual settings.
         delivery: v2's window, history length and ack batching
             (:class:`~steadysocket.model.delivery.DeliveryConfig`; its defaults when None).
+        broker: how pushes reach the clients of other processes, and where presence lives
+            (:mod:`steadysocket.runtime.broker`; a ``MemoryBroker``, this process only, when
+            None). ``broadcast``, ``send_to`` and :meth:`publish` go through it.
         environ: where to read the variables (``os.environ`` by default).
         default_handler: handler for types with no :meth:`on_message` registration;
             :func:`echo_handler` by default.
@@ -824,6 +858,7 @@ class Endpoints:
         rate_limit_window_ms: int | None = None,
         max_outbox_bytes: int | None = None,
         delivery: DeliveryConfig | None = None,
+        broker: Broker | None = None,
         gc_policy: GcPolicy | None = DEFAULT_GC_POLICY,
         environ: Mapping[str, str] | None = None,
         default_handler: MessageHandler = echo_handler,
@@ -878,6 +913,11 @@ class Endpoints:
         """The v2 sessions of this server, under one ``epoch`` drawn at construction (a new
         server object is a new epoch: no session of another one resumes here)."""
         self._expiry_timer: asyncio.TimerHandle | None = None
+        self.broker: Broker = MemoryBroker() if broker is None else broker
+        """How this server reaches the clients of other processes (``runtime/broker.py``);
+        a :class:`~steadysocket.runtime.broker.MemoryBroker` (this process only) by default."""
+        self._rooms = Rooms()
+        self._broker_started = False
 
     # ---- registration -------------------------------------------------------------------
 
@@ -954,8 +994,8 @@ class Endpoints:
             ValueError, TypeError: the message cannot be encoded (see :meth:`Client.send`).
         """
         text = encode_server_message(message, self._wall_clock())
-        peers = tuple(self._clients.get(client_id, ()))
-        queued = self._push_all(peers, self.sessions.of_client(client_id), text)
+        queued = self._push_to(client_id, text)
+        await self.broker.publish(Target.CLIENT, client_id, text)
         await asyncio.sleep(0)
         return queued
 
@@ -972,8 +1012,99 @@ class Endpoints:
         """
         text = encode_server_message(message, self._wall_clock())
         queued = self._push_all(self.clients, tuple(self.sessions.sessions.values()), text)
+        await self.broker.publish(Target.ALL, "", text)
         await asyncio.sleep(0)  # let the writers run between broadcasts
         return queued
+
+    # ---- rooms, presence and the other processes (runtime/broker.py) ---------------------
+
+    async def publish(self, room: str, message: Mapping[str, Any]) -> int:
+        """Queue ``message`` for every member of ``room``, in every process of the cluster.
+
+        Returns how many of *this* process's connections (v1) and sessions (v2) took it, as
+        :meth:`send_to`; the broker carries it to the other processes, which deliver it to
+        their members. A ``timestamp`` is added if the message has none.
+
+        Raises:
+            ValueError, TypeError: a bad room name, or a message that cannot be encoded.
+            BrokerOverflow: the broker's store is unreachable and its queue is full; the
+                local members got the message, the other processes will not.
+        """
+        check_room(room)
+        text = encode_server_message(message, self._wall_clock())
+        queued = sum(self._push_to(client_id, text) for client_id in self._rooms.members(room))
+        await self.broker.publish(Target.ROOM, room, text)
+        await asyncio.sleep(0)
+        return queued
+
+    async def presence(self, room: str) -> frozenset[str]:
+        """The client ids in ``room``, in every live process of the cluster.
+
+        Raises:
+            ValueError, TypeError: a bad room name.
+            BrokerUnavailable: the broker's store cannot be reached.
+        """
+        return await self.broker.presence(check_room(room))
+
+    async def client_count(self) -> int:
+        """The ``/ws/client`` connections of every live process of the cluster.
+
+        Raises:
+            BrokerUnavailable: the broker's store cannot be reached.
+        """
+        return await self.broker.client_count()
+
+    @property
+    def rooms(self) -> Rooms:
+        """The room memberships of this process's client ids (read it, do not change it)."""
+        return self._rooms
+
+    @property
+    def local_client_count(self) -> int:
+        """The ``/ws/client`` connections of this process."""
+        return sum(len(group) for group in self._clients.values())
+
+    def deliver(self, publication: Publication) -> None:
+        """Deliver another process's publication to this process's clients (the broker
+        calls it; the routing decision is ``model/routing.py``'s)."""
+        reach = route(publication, self._rooms)
+        if reach.everyone:
+            self._push_all(self.clients, tuple(self.sessions.sessions.values()), publication.text)
+        else:
+            for client_id in reach.client_ids:
+                self._push_to(client_id, publication.text)
+
+    async def start_broker(self) -> None:
+        """Start the broker (a transport adapter calls it when it starts serving)."""
+        if not self._broker_started:
+            self._broker_started = True
+            await self.broker.start(self)
+
+    async def stop_broker(self) -> None:
+        """Stop the broker (a transport adapter calls it once its clients are closed)."""
+        if self._broker_started:
+            self._broker_started = False
+            await self.broker.close()
+
+    def _push_to(self, client_id: str, text: str) -> int:
+        peers = tuple(self._clients.get(client_id, ()))
+        return self._push_all(peers, self.sessions.of_client(client_id), text)
+
+    async def _join(self, client_id: str, room: str) -> None:
+        if self._rooms.join(check_room(room), client_id):
+            await self.broker.joined(room, client_id)
+
+    def _leave(self, client_id: str, room: str) -> None:
+        if self._rooms.leave(check_room(room), client_id):
+            self.broker.left(room, client_id)
+
+    def _forget_rooms(self, client_id: str) -> None:
+        """``client_id`` is gone from this process (no connection, no resumable v2 session):
+        it leaves its rooms here."""
+        if client_id in self._clients or self.sessions.of_client(client_id):
+            return
+        for room in self._rooms.leave_all(client_id):
+            self.broker.left(room, client_id)
 
     def _push_all(
         self, clients: Iterable[Client], sessions: Iterable[DeliverySession], text: str
@@ -1375,6 +1506,8 @@ class Endpoints:
         gone = self.sessions.expire(asyncio.get_running_loop().time() * 1000)
         if gone:
             logger.debug("%d v2 session(s) expired after the window", len(gone))
+        for session in gone:
+            self._forget_rooms(session.client_id)
         self._arm_expiry()
 
     def _stop_expiry(self) -> None:
@@ -1493,6 +1626,7 @@ class Endpoints:
             return
         client = conn.client = Client(self, conn, session)
         self._clients.setdefault(session.client_id, set()).add(client)
+        self.broker.clients_changed()
         self._arm_timer(conn)
         if conn.live is None:
             logger.info(
@@ -1519,6 +1653,8 @@ class Endpoints:
                 peers.discard(client)
                 if not peers:
                     del self._clients[session.client_id]
+            self.broker.clients_changed()
+            self._forget_rooms(session.client_id)
             logger.info("client %s disconnected: %s", client.client_id, _describe_close(link))
             await self._run_hooks(self._disconnect_hooks, client, "on_disconnect")
 
@@ -1746,9 +1882,11 @@ class SteadyServer(Endpoints):
         *,
         compression: Literal["deflate"] | None = "deflate",
         ssl: SSLContext | None = None,
+        reuse_port: bool = False,
         **options: Unpack[EndpointOptions],
     ) -> None:
         super().__init__(**options)
+        self._reuse_port = reuse_port
         self.host = host
         self._requested_port = port
         self._compression = compression
@@ -1784,9 +1922,11 @@ class SteadyServer(Endpoints):
             max_size=self.config.max_message_bytes,
             create_connection=_tracking_connection_class(self._live, self._admitted),
             ssl=self._ssl,
+            reuse_port=self._reuse_port or None,
         )
         self._port = self._ws_server.sockets[0].getsockname()[1]
         self.start_gc()
+        await self.start_broker()
         logger.info("listening on %s", self.url)
 
     async def close(self) -> None:
@@ -1815,6 +1955,7 @@ class SteadyServer(Endpoints):
                     connection.transport.abort()
         await self.close_clients()
         self.stop_gc()  # every connection has ended: the collector is the process's again
+        await self.stop_broker()
         if _CURRENT.get() is not None:
             return  # a hook or handler of ours: its own connection is still running
         server.close(close_connections=False)
@@ -1915,10 +2056,14 @@ async def serve_until_signalled(
     ssl: SSLContext | None = None,
     gc_policy: GcPolicy | None = DEFAULT_GC_POLICY,
     delivery: DeliveryConfig | None = None,
+    broker: Broker | None = None,
+    reuse_port: bool = False,
 ) -> None:
     """Serve until one of ``signals`` arrives, then shut down gracefully (1001 to every client).
 
-    ``delivery`` is protocol v2's configuration (see :class:`Endpoints`).
+    ``delivery`` is protocol v2's configuration and ``broker`` how it reaches other processes
+    (see :class:`Endpoints`); ``reuse_port`` binds with ``SO_REUSEPORT``, so that several
+    processes share the port (``steadysocket serve --workers N``).
 
     The handlers are installed before the socket is bound, so a signal sent as soon as the
     server says it is listening is never lost.
@@ -1939,7 +2084,14 @@ async def serve_until_signalled(
         loop.add_signal_handler(sig, on_signal, sig)
     try:
         async with SteadyServer(
-            host, port, config=config, ssl=ssl, gc_policy=gc_policy, delivery=delivery
+            host,
+            port,
+            config=config,
+            ssl=ssl,
+            gc_policy=gc_policy,
+            delivery=delivery,
+            broker=broker,
+            reuse_port=reuse_port,
         ):
             await stop.wait()
             logger.info("%s received, shutting down", received[0].name)

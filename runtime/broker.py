@@ -1,0 +1,152 @@
+"""Brokers: how a server process reaches the clients of the other processes.
+
+A server (:class:`~steadysocket.runtime.server.Endpoints`) is one *node*. Every push it makes
+(``broadcast``, ``send_to``, ``publish`` to a room) goes to its own clients at once, then to its
+broker, which carries it to the other nodes; each of them delivers it to its own clients. Room
+memberships are kept by each node for its clients (``model/routing.py``'s :class:`Rooms`); the
+broker announces them, and the node's client count, to the cluster (presence).
+
+Two brokers, one interface (:class:`Broker`):
+
+- :class:`MemoryBroker`, the default: one process, no dependency. Publications stay in the
+  process (there is no other node); presence and the client count are the process's own. The
+  server behaves exactly as it did before brokers existed.
+- :class:`~steadysocket.runtime.redis_broker.RedisBroker` (the ``steadysocket[redis]`` extra):
+  any number of processes on any number of machines, through one Redis.
+
+Errors::
+
+    ConnectionError
+    └── BrokerUnavailable       the broker's store cannot be reached (presence, client count)
+        └── BrokerOverflow      publish(): too many publications already wait for the store
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from steadysocket.model.routing import Publication, Rooms, Target
+
+__all__ = [
+    "Broker",
+    "BrokerOverflow",
+    "BrokerUnavailable",
+    "MemoryBroker",
+    "Node",
+]
+
+
+class BrokerUnavailable(ConnectionError):
+    """The broker's store (Redis) cannot be reached now; the caller may retry later."""
+
+
+class BrokerOverflow(BrokerUnavailable):
+    """A publication was refused: ``limit`` publications already wait for the store.
+
+    The publishing process delivered it to its own clients; the other processes never get it.
+    """
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"{limit} publications already wait for the broker's store: this one reached "
+            "this process's clients only"
+        )
+        self.limit = limit
+
+
+class Node(Protocol):
+    """What a broker needs from the server it serves (``Endpoints`` implements it)."""
+
+    @property
+    def rooms(self) -> Rooms:
+        """The room memberships of this node's clients."""
+
+    @property
+    def local_client_count(self) -> int:
+        """How many ``/ws/client`` connections this node holds."""
+
+    def deliver(self, publication: Publication) -> None:
+        """Deliver a publication from another node to this node's clients (never waits)."""
+
+
+class Broker(Protocol):
+    """How a node reaches the others. Started by the server it serves, closed with it."""
+
+    @property
+    def node_id(self) -> str:
+        """This node's name in the cluster (random per process)."""
+
+    async def start(self, node: Node) -> None:
+        """Start serving ``node`` (connect, start reading the other nodes' publications)."""
+
+    async def close(self) -> None:
+        """Stop; what is still queued for the store is dropped (bounded, never hangs)."""
+
+    async def publish(self, target: Target, key: str, text: str) -> None:
+        """Carry a publication to the other nodes; the caller already delivered it locally.
+
+        Raises:
+            BrokerOverflow: the store is unreachable and the queue for it is full.
+        """
+
+    async def joined(self, room: str, client_id: str) -> None:
+        """``client_id`` joined ``room`` on this node: announce it (the node's rooms hold it)."""
+
+    def left(self, room: str, client_id: str) -> None:
+        """``client_id`` left ``room`` on this node: withdraw it (soon; never waits)."""
+
+    def clients_changed(self) -> None:
+        """This node's client count changed: announce it (soon; never waits)."""
+
+    async def presence(self, room: str) -> frozenset[str]:
+        """The client ids in ``room`` on every live node.
+
+        Raises:
+            BrokerUnavailable: the store cannot be reached.
+        """
+
+    async def client_count(self) -> int:
+        """How many ``/ws/client`` connections every live node holds.
+
+        Raises:
+            BrokerUnavailable: the store cannot be reached.
+        """
+
+
+class MemoryBroker:
+    """The one-process broker: nothing to carry, presence and count are the node's own."""
+
+    def __init__(self) -> None:
+        self._node: Node | None = None
+
+    @property
+    def node_id(self) -> str:
+        """Always ``"local"``: there is no other node."""
+        return "local"
+
+    async def start(self, node: Node) -> None:
+        """Remember the node whose rooms and clients answer presence."""
+        self._node = node
+
+    async def close(self) -> None:
+        """Nothing to stop."""
+
+    async def publish(self, target: Target, key: str, text: str) -> None:
+        """No other node: the local delivery was all of it."""
+
+    async def joined(self, room: str, client_id: str) -> None:
+        """The node's rooms are the presence."""
+
+    def left(self, room: str, client_id: str) -> None:
+        """The node's rooms are the presence."""
+
+    def clients_changed(self) -> None:
+        """The node's clients are the count."""
+
+    async def presence(self, room: str) -> frozenset[str]:
+        """The client ids in ``room`` on this node."""
+        return frozenset() if self._node is None else self._node.rooms.members(room)
+
+    async def client_count(self) -> int:
+        """The ``/ws/client`` connections of this node."""
+        return 0 if self._node is None else self._node.local_client_count
