@@ -54,7 +54,12 @@ from steadysocket.model.effects import (
     StartTimer,
     Timer,
 )
-from steadysocket.model.lifecycle import DEAD_AFTER, DEGRADED_AFTER, Lifecycle
+from steadysocket.model.lifecycle import (
+    DEAD_AFTER,
+    DEGRADED_AFTER,
+    GRACEFUL_JITTER_MS,
+    Lifecycle,
+)
 from steadysocket.model.logs import DedupLogger
 from steadysocket.model.protocol import (
     CloseCode,
@@ -128,6 +133,10 @@ class ClientConfig:
     enable_heartbeat: bool = True
     fallback_probe_interval_ms: float | None = 60_000
     stable_after_ms: float = 5_000
+    graceful_jitter_ms: float = GRACEFUL_JITTER_MS
+    """After a graceful close (1001 with ``graceful_reconnect``) the reconnect waits a delay
+    drawn uniformly from 0 to this many ms, so that a server's clients do not all dial at
+    once; 0 reconnects at once."""
     send_queue_limit: int = 1000
     """v1: messages queued while no connection is open; v2: messages not yet acknowledged."""
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
@@ -204,6 +213,7 @@ class ClientCore:
         """Per client, so one client's repeated lines are not interleaved with another's."""
         self.config = config
         self.clock = clock
+        self._monotonic = clock.monotonic
         self.version = config.version
         """The protocol version in use: 2 falls back to 1 when a server refuses it."""
         self.delivery: ClientDelivery | None = (
@@ -220,6 +230,7 @@ class ClientCore:
             backoff=backoff if backoff is not None else BackoffStrategy(),
             connection_timeout_ms=config.connection_timeout_ms,
             stable_after_ms=config.stable_after_ms,
+            graceful_jitter_ms=config.graceful_jitter_ms,
             fallback_probe_interval_ms=config.fallback_probe_interval_ms,
         )
         self._phase = self.lifecycle.phase
@@ -511,6 +522,8 @@ class ClientCore:
                 return self._failed(timeout)
             case Timer.RETRY:
                 return self._fire("retry_due")
+            case Timer.GRACEFUL:
+                return self._fire("reconnect_due")
             case Timer.PROBE:
                 self.log.info("[WS] fallback recovery probe")
                 return self._fire("probe_due")
@@ -555,23 +568,36 @@ class ClientCore:
 
     def received(self, text: str) -> Received:
         """A text frame on the open connection. Cheap: no lifecycle event unless degraded."""
-        self._count_received(text)
+        result = self.received_fast(text)
+        if isinstance(result, dict):
+            return Received(result, None, [])
+        return result
+
+    def received_fast(self, text: str) -> dict[str, Any] | Received:
+        """:meth:`received` for the runtime's hot path: a plain application message on a
+        connection that is not degraded comes back as the decoded dict itself (nothing to
+        send, no effect); anything else as a :class:`Received`."""
+        self.messages_received += 1
+        self._last_activity = self._monotonic()
         try:
             data = decode_text(text)
         except ProtocolError as exc:
             self.log.debug("[WS] unparseable message: %s", exc)
             return Received(None, None, self._resume())
-        kind = str(data["type"])
+        kind = data["type"]
         self.message_counts[kind] += 1
-        reply = None
-        if kind == "ping":
-            self.heartbeats_received += 1
-            reply = make_pong(self.clock.now(), self.config.client_id).serialize()
-            self.heartbeats_sent += 1
-        elif kind == "pong":
-            self.heartbeats_received += 1
-        message = None if kind in INTERNAL_TYPES else data
-        return Received(message, reply, self._resume())
+        if kind in INTERNAL_TYPES:
+            reply = None
+            if kind == "ping":
+                self.heartbeats_received += 1
+                reply = make_pong(self.clock.now(), self.config.client_id).serialize()
+                self.heartbeats_sent += 1
+            elif kind == "pong":
+                self.heartbeats_received += 1
+            return Received(None, reply, self._resume())
+        if self._phase is Phase.DEGRADED:
+            return Received(data, None, self._resume())
+        return data
 
     def received_v2(self, text: str) -> Received:
         """A text frame on an open v2 connection: offsets put in order, acks taken.
@@ -633,7 +659,7 @@ class ClientCore:
 
     def _count_received(self, text: str) -> None:
         self.messages_received += 1
-        self._last_activity = self.clock.monotonic()
+        self._last_activity = self._monotonic()
 
     def _resume(self) -> list[Effect]:
         if self.phase is Phase.DEGRADED:
@@ -805,13 +831,13 @@ class ClientCore:
 
     def _note_retry(self, effects: list[Effect]) -> None:
         for effect in effects:
-            if isinstance(effect, StartTimer) and effect.timer is Timer.RETRY:
+            if isinstance(effect, StartTimer) and effect.timer in _NEXT_ATTEMPT_TIMERS:
                 delay = effect.delay_ms or 0.0
-                self.log.info("[WS] retrying in %.0f ms", delay)
+                self.log.info(_NEXT_ATTEMPT_TIMERS[effect.timer], delay)
                 # After a lost connection the retry is noted on the attempt that opened it:
-                # the panel's next-retry ETA reads the newest attempt. A retry timer only
-                # follows a finished attempt (failed, or the one that opened the connection),
-                # so there is one.
+                # the panel's next-retry ETA reads the newest attempt. A retry (or graceful)
+                # timer only follows a finished attempt (failed, or the one that opened the
+                # connection), so there is one.
                 self._recent[0] = replace(
                     self._recent[0],
                     next_retry_delay_ms=delay,
@@ -939,6 +965,13 @@ class ClientCore:
             session_id=delivery.session_id,
             last_offset=delivery.last_offset,
         )
+
+
+_NEXT_ATTEMPT_TIMERS = {
+    Timer.RETRY: "[WS] retrying in %.0f ms",
+    Timer.GRACEFUL: "[WS] graceful reconnect in %.0f ms",
+}
+"""The timers that end in the outage's next attempt, with the line that announces each."""
 
 
 def _is_count(value: object) -> bool:

@@ -107,6 +107,10 @@ class CloseCode(IntEnum):
     INTERNAL_ERROR = 1011
     UNSUPPORTED_VERSION = 4400
     INVALID_ROLE = 4401
+    AUTH_REFUSED = 4403
+    """The server's ``authenticate`` hook refused the credentials: final, not retried."""
+    AUTH_EXPIRED = 4419
+    """The server's ``authenticate`` hook refused an expired token: retried with a fresh one."""
     HANDSHAKE_ERROR = 4500
 
 
@@ -760,6 +764,9 @@ def _nesting_exceeds(value: Any, limit: int) -> bool:
     return False
 
 
+_TOO_DEEP = f"Invalid JSON format: nested too deeply (limit {MAX_NESTING_DEPTH} levels)"
+
+
 def decode_text(text: str) -> dict[str, Any]:
     """Decode a text frame into a message dict with a non-empty string ``type``.
 
@@ -776,7 +783,9 @@ def decode_text(text: str) -> dict[str, Any]:
     except InvalidJSON:
         raise
     except RecursionError:
-        raise InvalidJSON(f"Invalid JSON format: nested too deeply (limit {MAX_NESTING_DEPTH} levels)") from None
+        raise InvalidJSON(
+            f"Invalid JSON format: nested too deeply (limit {MAX_NESTING_DEPTH} levels)"
+        ) from None
     except json.JSONDecodeError as exc:
         raise InvalidJSON(
             f"Invalid JSON format: {exc.msg} (line {exc.lineno}, column {exc.colno})"
@@ -785,10 +794,16 @@ def decode_text(text: str) -> dict[str, Any]:
         # Python refuses integers of more than 4300 digits with a plain ValueError, whose
         # advice about sys.set_int_max_str_digits() means nothing to a remote peer.
         raise InvalidJSON("Invalid JSON format: an integer has too many digits") from None
-    # Counting brackets is C-speed and almost always proves the walk unnecessary.
-    brackets = text.count("[") + text.count("{")
-    if brackets > MAX_NESTING_DEPTH and _nesting_exceeds(value, MAX_NESTING_DEPTH):
-        raise InvalidJSON(f"Invalid JSON format: nested too deeply (limit {MAX_NESTING_DEPTH} levels)")
+    # Each level needs a bracket, so a short text cannot nest too deeply; for a longer one,
+    # counting brackets is C-speed and almost always proves the walk unnecessary.
+    if (
+        len(text) > MAX_NESTING_DEPTH
+        and text.count("[") + text.count("{") > MAX_NESTING_DEPTH
+        and _nesting_exceeds(value, MAX_NESTING_DEPTH)
+    ):
+        raise InvalidJSON(
+            f"Invalid JSON format: nested too deeply (limit {MAX_NESTING_DEPTH} levels)"
+        )
     if not isinstance(value, dict):
         raise InvalidMessage(
             f"message must be a JSON object, got {_json_kind(value)} {_short_repr(value)}"

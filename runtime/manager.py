@@ -47,6 +47,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
+from ssl import SSLContext
 from types import TracebackType
 from typing import Any, Self
 
@@ -77,11 +78,15 @@ from steadysocket.model.snapshot import Phase, WSState
 from steadysocket.runtime.debuglog import enable_debug_logging
 from steadysocket.runtime.transport import CLOSE_TIMEOUT_S as CLOSE_TIMEOUT_S
 from steadysocket.runtime.transport import (
+    AuthCallable,
+    ConnectOptions,
+    HeadersLike,
     Opener,
     OpenFailed,
     Transport,
     TransportClosed,
     failure_from_exception,
+    open_attempt,
 )
 from steadysocket.runtime.transport import open_websocket as _open_websocket
 
@@ -181,8 +186,8 @@ class ManagerClosed(RuntimeError):
 class SystemClock:
     """The real clocks: ``time.monotonic`` and UTC wall time."""
 
-    def monotonic(self) -> float:
-        return time.monotonic()
+    # The builtin itself, not a method calling it: one Python frame less per received frame.
+    monotonic = staticmethod(time.monotonic)
 
     def now(self) -> datetime:
         return datetime.now(UTC)
@@ -317,8 +322,21 @@ class WebSocketManager:
     acknowledged. A server that refuses v2 (4400) gets one retry in v1, and the manager runs v1
     from then on (``WSState.protocol_version``).
 
+    Connection options, used by every attempt: ``headers`` (extra HTTP headers of the upgrade
+    request, a mapping or ``(name, value)`` pairs), ``subprotocols`` (offered in order of
+    preference), ``ssl`` (the ``ssl.SSLContext`` for ``wss://`` URLs, for a private CA; by
+    default the system's trusted certificates), and ``auth``, a callable, sync or async, called
+    before **every** attempt for fresh credentials: a token (str) is sent as
+    ``Authorization: Bearer <token>``, a mapping as headers (replacing ``headers`` of the same
+    name), None adds nothing. So a token refused as expired (close 4419, retried) is replaced
+    on the next attempt. An ``auth`` that raises or returns anything else fails that attempt
+    (``ErrorKind.AUTH``: ``handshake``, retryable); one still running at the connection timeout
+    is cancelled with its attempt (a connect timeout). A sync ``auth`` must not block the loop.
+
     ``clock``, ``sleep``, ``rng`` and ``opener`` are for tests: a virtual clock and sleep, a
-    seeded ``random.Random``, and an in-memory transport. The defaults are the real ones.
+    seeded ``random.Random``, and an in-memory transport. The defaults are the real ones. The
+    ``opener`` gets the URL alone unless one of the connection options is set (then also those
+    options as keywords: see ``steadysocket.runtime.transport.Opener``).
 
     Every coroutine may be called concurrently from any task; see the module docstring.
     """
@@ -339,6 +357,10 @@ class WebSocketManager:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         send_buffer_bytes: int = DEFAULT_SEND_BUFFER_BYTES,
         delivery: DeliveryConfig | None = None,
+        headers: HeadersLike | None = None,
+        subprotocols: Sequence[str] | None = None,
+        ssl: SSLContext | None = None,
+        auth: AuthCallable | None = None,
         enabled: bool | None = None,
         clock: SystemClock | Any | None = None,
         sleep: Sleep | None = None,
@@ -380,6 +402,10 @@ class WebSocketManager:
         self._clock = clock if clock is not None else SystemClock()
         self._sleep: Sleep = sleep if sleep is not None else asyncio.sleep
         self._opener: Opener = opener if opener is not None else _open_websocket
+        self._connect_options = ConnectOptions.build(
+            headers=headers, subprotocols=subprotocols, ssl=ssl, auth=auth, urls=urls
+        )
+        """What every attempt adds: headers, subprotocols, TLS context, auth()."""
         self._core = ClientCore(config, self._clock, backoff)
         self._send_buffer_bytes = send_buffer_bytes
 
@@ -406,6 +432,8 @@ class WebSocketManager:
 
         self._state_listeners: list[StateListener] = []
         self._message_listeners: list[MessageListener] = []
+        self._message_tuple: tuple[MessageListener, ...] = ()
+        """The listeners as the reader iterates them, rebuilt on (un)subscribe, not per frame."""
         self._error_listeners: list[ErrorListener] = []
         self._return_listeners: list[ReturnListener] = []
         self._resume_listeners: list[ResumeListener] = []
@@ -507,6 +535,7 @@ class WebSocketManager:
             # All of this before the first await, so a cancelled destroy() still does it.
             self._state_listeners.clear()
             self._message_listeners.clear()
+            self._message_tuple = ()
             self._error_listeners.clear()
             self._return_listeners.clear()
             for _, future in self._phase_waiters:
@@ -626,7 +655,14 @@ class WebSocketManager:
 
     def on_message(self, listener: MessageListener) -> Callable[[], None]:
         """Call ``listener(message)`` for every message but hello, ping and pong."""
-        return self._subscribe(self._message_listeners, listener)
+        unsubscribe = self._subscribe(self._message_listeners, listener)
+        self._message_tuple = tuple(self._message_listeners)
+
+        def unsubscribe_message() -> None:
+            unsubscribe()
+            self._message_tuple = tuple(self._message_listeners)
+
+        return unsubscribe_message
 
     def on_error(self, listener: ErrorListener) -> Callable[[], None]:
         """Call ``listener(error)`` on every failed attempt and lost connection (a ``WSError``)
@@ -911,7 +947,7 @@ class WebSocketManager:
         try:
             # Awaited directly, no task in between: if this task is cancelled, the opener
             # sees the cancellation itself (websockets aborts a half-open handshake).
-            transport = await self._opener(self.url)
+            transport = await open_attempt(self._opener, self.url, self._connect_options)
         except Exception as exc:
             # OpenFailed is the Opener contract; anything else is a failed attempt too.
             failure = exc.failure if isinstance(exc, OpenFailed) else failure_from_exception(exc)
@@ -994,8 +1030,9 @@ class WebSocketManager:
     async def _read(self, transport: Transport) -> None:
         core = self._core
         v2 = core.delivery is not None
-        receive = core.received_v2 if v2 else core.received
+        receive = core.received_v2 if v2 else core.received_fast
         end_step = core.log.end_step  # a run of repeated log lines ends with a frame without it
+        deliver = self._deliver
         while True:
             frame = await transport.recv()
             if isinstance(frame, bytes):
@@ -1005,6 +1042,9 @@ class WebSocketManager:
                 continue
             received = receive(frame)
             end_step()
+            if isinstance(received, dict):  # the hot path: an application message, nothing else
+                deliver(received)
+                continue
             if received.reply is not None:
                 self._send_control(received.reply)
             if received.effects:
@@ -1034,7 +1074,7 @@ class WebSocketManager:
             )
         elif kind == "reply" and self._requests and self._answer(message):
             return
-        for listener in tuple(self._message_listeners):
+        for listener in self._message_tuple:
             try:
                 listener(message)
             except (Exception, asyncio.CancelledError):
