@@ -1030,7 +1030,7 @@ class WebSocketManager:
     async def _read(self, transport: Transport) -> None:
         core = self._core
         v2 = core.delivery is not None
-        receive = core.received_v2 if v2 else core.received_fast
+        receive = core.received_v2_fast if v2 else core.received_fast
         end_step = core.log.end_step  # a run of repeated log lines ends with a frame without it
         deliver = self._deliver
         while True:
@@ -1043,6 +1043,8 @@ class WebSocketManager:
             received = receive(frame)
             end_step()
             if isinstance(received, dict):  # the hot path: an application message, nothing else
+                if v2 and self._ack_timer is None:
+                    self._arm_ack_timer()
                 deliver(received)
                 continue
             if received.reply is not None:
@@ -1056,10 +1058,8 @@ class WebSocketManager:
                     )
                 if received.acked is not None:
                     self._acked(received.acked)
-                if self._ack_timer is None and (delay := core.ack_timer_wanted()) is not None:
-                    self._ack_timer = self._spawn(
-                        partial(self._ack_main, delay / 1000.0), "steadysocket-ack"
-                    )
+                if self._ack_timer is None:
+                    self._arm_ack_timer()
             message = received.message
             if message is not None:
                 self._deliver(message)
@@ -1109,6 +1109,14 @@ class WebSocketManager:
             future = self._requests.pop(request_id)
             if not future.done():
                 future.set_result(None)
+
+    def _arm_ack_timer(self) -> None:
+        """v2: start the batched ack's timer if one is owed and none runs."""
+        delay = self._core.ack_timer_wanted()
+        if delay is not None:
+            self._ack_timer = self._spawn(
+                partial(self._ack_main, delay / 1000.0), "steadysocket-ack"
+            )
 
     async def _ack_main(self, delay_s: float) -> None:
         await self._sleep(delay_s)

@@ -1947,3 +1947,21 @@ def test_one_base_url_stays_put() -> None:
     rt = open_client()
     rt.close(DROPPED)
     assert urlsplit(rt.core.url).netloc == "localhost:8000"
+
+
+def test_a_message_on_a_degraded_connection_is_delivered_and_ends_the_spell() -> None:
+    rt = open_client()
+    rt.fire(Timer.STABLE)
+    rt.fire(Timer.HEARTBEAT)
+    assert rt.phase() is Phase.DEGRADED
+    received = rt.receive('{"type":"chat"}')
+    assert received.message == {"type": "chat"}
+    assert rt.phase() is Phase.OPEN
+    v2 = v2_client()
+    v2.fire(Timer.STABLE)
+    v2.fire(Timer.HEARTBEAT)
+    assert v2.phase() is Phase.DEGRADED
+    numbered = v2.core.received_v2('{"offset":1,"type":"chat"}')
+    v2.apply(numbered.effects)
+    assert numbered.message == {"type": "chat"}
+    assert v2.phase() is Phase.OPEN
