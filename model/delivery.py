@@ -142,6 +142,8 @@ def check_application_message(message: Mapping[str, Any]) -> None:
     Raises:
         ValueError: the message has an ``id`` or ``offset`` field.
     """
+    if "id" not in message and "offset" not in message:  # the common case, two lookups
+        return
     clash = RESERVED_FIELDS.intersection(message)
     if clash:
         names = ", ".join(sorted(clash))
