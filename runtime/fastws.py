@@ -49,7 +49,6 @@ from websockets.client import ClientProtocol
 from websockets.datastructures import Headers, HeadersLike
 from websockets.exceptions import (
     ConnectionClosed,
-    InvalidHandshake,
     InvalidStatus,
     InvalidURI,
     SecurityError,
@@ -128,6 +127,11 @@ class FastTransport(asyncio.Protocol):
         """How the connection ended, once it has: every later call raises with it."""
         self._masks = b""
         self._mask_at = 0
+
+    @property
+    def closed(self) -> bool:
+        """True once the TCP connection is gone (its socket closed)."""
+        return self._lost.done()
 
     # -- Transport ------------------------------------------------------------------------
 
@@ -345,8 +349,7 @@ class FastTransport(asyncio.Protocol):
         await asyncio.shield(self._response)
         if protocol.handshake_exc is not None:
             raise protocol.handshake_exc
-        if protocol.state is not OPEN:  # the connection ended right after the response
-            raise InvalidHandshake("connection closed during the opening handshake")
+        # Open, or already closing: a close frame right after the response is recv()'s news.
 
     def _handshake_events(self, events: list[Any]) -> list[Any]:
         """Take the handshake response off the events; the frames after it stay."""
