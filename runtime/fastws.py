@@ -177,6 +177,10 @@ class FastTransport(asyncio.Protocol):
             self.protocol.send_close(code, reason)
             self._flush()
             self._arm_close_timer()
+        if self._reading_paused and transport is not None:
+            # The peer's close frame and its TCP close must be read to end the handshake.
+            self._reading_paused = False
+            transport.resume_reading()
         await asyncio.shield(self._lost)
 
     def abort(self) -> None:

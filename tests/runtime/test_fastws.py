@@ -839,3 +839,55 @@ def test_headers_accept_websockets_headers_objects_too() -> None:
 
     run(body())
     assert seen == [["a", "b"]]
+
+
+def test_a_cancelled_opening_handshake_aborts_the_half_open_connection() -> None:
+    lost: list[asyncio.Future[None]] = []
+
+    class Mute(asyncio.Protocol):
+        """Accepts TCP, reads the upgrade request and never answers it."""
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            lost.append(asyncio.get_running_loop().create_future())
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            lost[-1].set_result(None)
+
+    async def body() -> bool:
+        async with tcp_server(Mute) as url:
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(50 * MS):
+                    await open_fast_websocket(url)
+            async with asyncio.timeout(TIMEOUT):
+                await lost[0]  # the server saw the client drop the connection
+            return len(lost) == 1
+
+    assert run(body())
+
+
+def test_reading_pauses_while_much_waits_for_recv_and_resumes_when_it_is_taken(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(fastws, "READ_LIMIT_BYTES", 10_000)
+    count = 200
+
+    async def handler(ws: ServerConnection) -> None:
+        for i in range(count):
+            await ws.send(f"{i:04d}" + "x" * 996)
+        await ws.wait_closed()
+
+    async def body() -> tuple[bool, list[str | bytes]]:
+        async with raw_server(handler) as url:
+            transport = await open_fast_websocket(url)
+            assert isinstance(transport, FastTransport)
+            async with asyncio.timeout(TIMEOUT):
+                while not transport._reading_paused:  # noqa: ASYNC110 - nobody calls recv()
+                    await asyncio.sleep(MS)
+            paused = transport._reading_paused
+            frames = [await recv(transport) for _ in range(count)]
+            await transport.close(1000, "")
+            return paused, frames
+
+    paused, frames = run(body())
+    assert paused
+    assert [f[:4] for f in frames] == [f"{i:04d}" for i in range(count)]
