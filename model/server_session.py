@@ -68,6 +68,8 @@ from steadysocket.model.protocol import (
 )
 
 __all__ = [
+    "AUTH_EXPIRED_REASON",
+    "AUTH_REFUSED_REASON",
     "CLIENT_PATH",
     "DEFAULT_CONNECTION_TIMEOUT_MS",
     "DEFAULT_GC_FREEZE_INTERVAL_MS",
@@ -118,6 +120,7 @@ __all__ = [
     "match_route",
     "normalize_origins",
     "origin_allowed",
+    "select_subprotocol",
     "utf8_size",
 ]
 
@@ -844,6 +847,27 @@ _NO_ACTIONS: Final[list[Action]] = []
 _BINARY_TEXT = "binary frames are not supported; send JSON text frames"
 
 
+AUTH_REFUSED_REASON: Final = "Authentication failed"
+"""The reason of a 4403 refusal (:meth:`ServerSession.refuse`) when the hook gave none."""
+
+AUTH_EXPIRED_REASON: Final = "Token expired"
+"""The reason of a 4419 refusal (:meth:`ServerSession.refuse`) when the hook gave none."""
+
+
+def select_subprotocol(offered: Sequence[str], supported: Sequence[str]) -> str | None:
+    """The subprotocol a server answers with: the first of its ``supported`` ones (its order of
+    preference) that the client ``offered``; None when they share none.
+
+    Never a refusal: a client that offers none (a browser of the seed) is served without a
+    subprotocol, and an ``authenticate`` hook that needs one refuses with a close code
+    (``client.subprotocol`` is None), which every client can read, unlike an HTTP 400.
+    """
+    for name in supported:
+        if name in offered:
+            return name
+    return None
+
+
 def _utf8_length_exceeds(text: str, limit: int) -> bool:
     # len(text) <= UTF-8 length <= 4 * len(text): encode only when the bounds disagree.
     if len(text) > limit:
@@ -867,6 +891,7 @@ class ServerSession:
 
     __slots__ = (
         "_bucket",
+        "_checked",
         "_client_id_json",
         "_config",
         "_dead_at",
@@ -913,6 +938,8 @@ class ServerSession:
         with the connection that resumes it. None in v1."""
         self.resume_outcome: ResumeOutcome | None = None
         """v2: what became of the session asked for when this connection opened."""
+        self._checked: Accept | None = None
+        """The query :meth:`check` accepted, for :meth:`open` to use."""
 
     # ---- opening ---------------------------------------------------------------------------
 
@@ -939,12 +966,19 @@ class ServerSession:
         its fields, and the actions after the hello are the replay, in order, which the runtime
         writes before anything else. :attr:`delivery` and :attr:`resume_outcome` tell the rest.
 
+        After :meth:`check` accepted the query (a server that authenticates first), ``open``
+        uses that decision instead of checking again.
+
         Raises:
             RuntimeError: the session was already opened; a bug in the runtime, not the peer.
         """
         if self.state is not SessionState.NEW:
             raise RuntimeError(f"open() on a session that is {self.state.value}")
-        decision = validate_query(query, accept_v2=sessions is not None)
+        decision = self._checked
+        if decision is None:
+            decision = validate_query(query, accept_v2=sessions is not None)
+        elif decision.version == 2 and sessions is None:
+            raise RuntimeError("open() without sessions after check() accepted version 2")
         if not isinstance(decision, Accept):
             self.state = SessionState.CLOSED
             return [Close(decision.code, decision.reason)]
@@ -990,6 +1024,47 @@ class ServerSession:
         self._next_ping_at = now + self._interval
         self._bucket = self._config.new_bucket(now)
         return [SendText(hello.serialize()), *(SendText(text) for text in replay)]
+
+    def check(
+        self, query: str | Mapping[str, Sequence[str]], *, accept_v2: bool = True
+    ) -> list[Action]:
+        """The query checks of :meth:`open` alone, for a server that authenticates the client
+        between the checks and the hello (``@server.authenticate``).
+
+        Returns ``[]`` when the query passes: :attr:`client_id`, :attr:`role` and
+        :attr:`version` are set, the session stays :attr:`SessionState.NEW`, and the runtime
+        then calls :meth:`open` (same ``query``; ``sessions`` given when ``accept_v2``) or
+        :meth:`refuse`. Otherwise ``[Close(code, reason)]``, as :meth:`open` would refuse.
+
+        Raises:
+            RuntimeError: the session was already checked or opened; a bug in the runtime.
+        """
+        if self.state is not SessionState.NEW or self._checked is not None:
+            raise RuntimeError(f"check() on a session that is {self.state.value} or checked")
+        decision = validate_query(query, accept_v2=accept_v2)
+        if not isinstance(decision, Accept):
+            self.state = SessionState.CLOSED
+            return [Close(decision.code, decision.reason)]
+        self._checked = decision
+        self.client_id = decision.client_id
+        self.role = str(decision.role)
+        self.version = decision.version
+        return []
+
+    def refuse(self, reason: str = "", *, expired: bool = False) -> list[Action]:
+        """The server's ``authenticate`` hook refused the client's credentials, before the hello.
+
+        Closes with **4403** (``reason``, else ``Authentication failed``), which a client
+        classifies as final (no retry), or with ``expired`` **4419** (else ``Token expired``),
+        which it retries after one backoff step, with fresh credentials. The reason is cut to
+        123 UTF-8 bytes. ``[]`` when the session is already closed.
+        """
+        if self.state is SessionState.CLOSED:
+            return []
+        self.state = SessionState.CLOSED
+        if expired:
+            return [Close(CloseCode.AUTH_EXPIRED, truncate_reason(reason or AUTH_EXPIRED_REASON))]
+        return [Close(CloseCode.AUTH_REFUSED, truncate_reason(reason or AUTH_REFUSED_REASON))]
 
     def fail_handshake(self) -> list[Action]:
         """The runtime failed while accepting or sending the hello: close with 4500."""

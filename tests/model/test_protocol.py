@@ -110,6 +110,8 @@ def test_close_codes_have_the_documented_values() -> None:
         "INTERNAL_ERROR": 1011,
         "UNSUPPORTED_VERSION": 4400,
         "INVALID_ROLE": 4401,
+        "AUTH_REFUSED": 4403,
+        "AUTH_EXPIRED": 4419,
         "HANDSHAKE_ERROR": 4500,
     }
 
