@@ -237,6 +237,24 @@ class BackoffStrategy:
         """Start counting attempts from zero again, as after a stable connection."""
         self._current_attempt = 0
 
+    def spread_delay(self, window_ms: float) -> float:
+        """Return a delay drawn uniformly from ``[0, window_ms)``, taking no backoff step.
+
+        It spreads an immediate reconnect (after a graceful close) over a small window, from
+        the same random source as the jitter, so one seed or ``rng`` pins both. A window of 0
+        returns 0 and draws nothing, leaving the jitter sequence that follows untouched.
+
+        Raises:
+            ValueError: When ``window_ms`` is negative or not a number.
+        """
+        window = float(window_ms)
+        # Written as a negated range check so that NaN is rejected too.
+        if not 0.0 <= window < math.inf:
+            raise ValueError(f"window_ms must be a finite number >= 0, got {window_ms!r}")
+        if window == 0.0:
+            return 0.0
+        return window * self._rng.random()
+
     def _base_for(self, index: int) -> float:
         step = self._base_delays_ms[min(index, len(self._base_delays_ms) - 1)]
         return min(self._cap_delay_ms, step)

@@ -29,6 +29,10 @@ class Timer(StrEnum):
     """The recovery probe's interval while in ``fallback``."""
     STABLE = "stable"
     """Fires once a connection has stayed open long enough to end the outage."""
+    GRACEFUL = "graceful"
+    """The random delay, within ``graceful_jitter_ms``, spent in ``reconnecting`` after a
+    graceful close (1001 with ``graceful_reconnect``) before its attempt: so that the clients
+    of a server going away do not all dial at the same instant."""
 
 
 @dataclass(frozen=True, slots=True)

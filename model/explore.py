@@ -49,6 +49,10 @@ class Invariant(StrEnum):
     GRACEFUL_WITHOUT_BACKOFF = (
         "a graceful close from open or degraded reconnects without a backoff step"
     )
+    GRACEFUL_SPREAD = (
+        "with a graceful window, a graceful close waits a delay drawn within it, then makes "
+        "one attempt"
+    )
 
 
 class Server(StrEnum):
@@ -110,6 +114,7 @@ class Input(StrEnum):
     HEARTBEAT_TIMER = "heartbeat timer fires"
     PROBE_TIMER = "probe timer fires"
     STABLE_TIMER = "stable timer fires"
+    GRACEFUL_TIMER = "graceful reconnect delay ends"
 
 
 USER_INPUTS = frozenset({Input.CONNECT, Input.DISCONNECT, Input.FORCE_RECONNECT})
@@ -125,6 +130,7 @@ _TIMER_INPUTS = {
     Timer.HEARTBEAT: Input.HEARTBEAT_TIMER,
     Timer.PROBE: Input.PROBE_TIMER,
     Timer.STABLE: Input.STABLE_TIMER,
+    Timer.GRACEFUL: Input.GRACEFUL_TIMER,
 }
 # Reactions a server that simply stays up never produces; excluded from the liveness graph.
 _SERVER_INITIATED_CLOSES = frozenset({Input.GOING_AWAY, Input.CLOSED_NORMALLY, Input.EVICTED})
@@ -150,6 +156,8 @@ class Config:
 
     max_attempts: int = 3
     probe: bool = True
+    graceful_jitter_ms: float = 0.0
+    """The window a graceful reconnect's delay is drawn from; 0 reconnects at once."""
 
 
 @dataclass(slots=True)
@@ -172,7 +180,8 @@ class Report:
         """One line for test output and the docs."""
         status = "ok" if not self.violations else f"{len(self.violations)} violations"
         return (
-            f"max_attempts={self.config.max_attempts} probe={self.config.probe}: "
+            f"max_attempts={self.config.max_attempts} probe={self.config.probe} "
+            f"graceful_jitter_ms={self.config.graceful_jitter_ms:g}: "
             f"{self.states} states, {self.edges} edges, "
             f"{len(self.transitions_taken)} transitions taken, {status}"
         )
@@ -243,6 +252,8 @@ def _event_for(world: World, inp: Input) -> tuple[str | None, dict[str, Any]]:
             return "closed_by_server", {}
         case Input.RETRY_TIMER:
             return "retry_due", {}
+        case Input.GRACEFUL_TIMER:
+            return "reconnect_due", {}
         case Input.PROBE_TIMER:
             return "probe_due", {}
         case Input.STABLE_TIMER:
@@ -265,13 +276,19 @@ class Explorer:
         self.machine = machine
 
     def _build(self, world: World) -> Lifecycle:
+        # No jitter, and a fixed seed: the random source is drawn from only for the graceful
+        # delay, and its value is checked against the window, not explored.
         backoff = BackoffStrategy(
-            base_delays_ms=(1000, 2000), jitter_ratio=0.0, max_attempts=self.config.max_attempts
+            base_delays_ms=(1000, 2000),
+            jitter_ratio=0.0,
+            max_attempts=self.config.max_attempts,
+            seed=0,
         )
         return self.machine(
             backoff=backoff,
             heartbeat_interval_ms=1000,
             fallback_probe_interval_ms=60_000 if self.config.probe else None,
+            graceful_jitter_ms=self.config.graceful_jitter_ms,
             start_phase=world.phase,
             attempts=world.attempts,
         )
@@ -346,19 +363,10 @@ class Explorer:
             inp is Input.GOING_AWAY
             and world.phase in {Phase.OPEN, Phase.DEGRADED}
             and world.attempts < self.config.max_attempts
-            and (
-                phase is not Phase.RECONNECTING
-                or not any(isinstance(e, OpenSocket) for e in effects)
-                or Timer.RETRY in timers
-            )
         ):
-            problems.append(
-                (
-                    Invariant.GRACEFUL_WITHOUT_BACKOFF,
-                    f"{event}: went to {phase} with timers {sorted(timers)} instead of "
-                    "reconnecting at once",
-                )
-            )
+            problems.extend(self._graceful_problems(effects, phase, timers, machine))
+        if inp is Input.GRACEFUL_TIMER:
+            problems.extend(self._graceful_attempt_problems(world, effects, phase, machine))
         if machine.attempts > self.config.max_attempts:
             problems.append(
                 (Invariant.ATTEMPTS_BOUNDED, f"{event}: attempt {machine.attempts} started")
@@ -397,6 +405,69 @@ class Explorer:
                 Invariant.FRESH_FORCE_RECONNECT,
                 f"force_reconnect: attempts opened {attempts}, then {phase} with the socket "
                 f"{socket} and timers {sorted(timers)}",
+            )
+        ]
+
+    def _graceful_problems(
+        self, effects: tuple[Effect, ...], phase: Phase, timers: set[Timer], machine: Lifecycle
+    ) -> list[tuple[Invariant, str]]:
+        """A graceful close with attempts left: reconnecting, no backoff step; then at once
+        (no window) or after a delay within the window (GRACEFUL_SPREAD)."""
+        problems: list[tuple[Invariant, str]] = []
+        opened = any(isinstance(e, OpenSocket) for e in effects)
+        window = self.config.graceful_jitter_ms
+        if (
+            phase is not Phase.RECONNECTING
+            or Timer.RETRY in timers
+            or machine.backoff.current_attempt != 0
+            or (window == 0 and not opened)
+        ):
+            problems.append(
+                (
+                    Invariant.GRACEFUL_WITHOUT_BACKOFF,
+                    f"graceful close: went to {phase} with timers {sorted(timers)} and "
+                    f"{machine.backoff.current_attempt} backoff steps taken instead of "
+                    + ("reconnecting at once" if window == 0 else "waiting the graceful delay"),
+                )
+            )
+        if window > 0:
+            delays = [
+                e.delay_ms
+                for e in effects
+                if isinstance(e, StartTimer) and e.timer is Timer.GRACEFUL
+            ]
+            if (
+                opened
+                or Timer.GRACEFUL not in timers
+                or len(delays) != 1
+                or not 0 <= (delays[0] or 0.0) <= window
+            ):
+                problems.append(
+                    (
+                        Invariant.GRACEFUL_SPREAD,
+                        f"graceful close: opened a socket: {opened}, graceful delays {delays} "
+                        f"for a window of {window:g} ms, timers {sorted(timers)}",
+                    )
+                )
+        return problems
+
+    @staticmethod
+    def _graceful_attempt_problems(
+        world: World, effects: tuple[Effect, ...], phase: Phase, machine: Lifecycle
+    ) -> list[tuple[Invariant, str]]:
+        """The graceful delay ended: exactly the one counted attempt it held back, no step."""
+        attempts = [e.attempt for e in effects if isinstance(e, OpenSocket) and not e.probe]
+        if (
+            attempts == [world.attempts + 1]
+            and phase is Phase.RECONNECTING
+            and machine.backoff.current_attempt == 0
+        ):
+            return []
+        return [
+            (
+                Invariant.GRACEFUL_SPREAD,
+                f"reconnect_due: attempts opened {attempts} after {world.attempts}, then "
+                f"{phase} with {machine.backoff.current_attempt} backoff steps taken",
             )
         ]
 
@@ -567,6 +638,8 @@ DEFAULT_CONFIGS = (
     Config(max_attempts=1, probe=True),
     Config(max_attempts=4, probe=True),
     Config(max_attempts=4, probe=False),
+    Config(max_attempts=1, probe=True, graceful_jitter_ms=1000.0),
+    Config(max_attempts=4, probe=True, graceful_jitter_ms=1000.0),
 )
 
 

@@ -16,7 +16,11 @@ Events and their inputs (keyword arguments):
   connect timeout, ...); ``retryable`` comes from ``classify``.
 - ``retry_due``: the backoff timer fired in ``failed``.
 - ``connection_lost(retryable, graceful)``: an open connection ended other than by a normal
-  close; ``graceful`` is a 1001 from a server that advertised ``graceful_reconnect``.
+  close; ``graceful`` is a 1001 from a server that advertised ``graceful_reconnect``. A graceful
+  close reconnects without a backoff step: at once, or, with ``graceful_jitter_ms`` above 0,
+  after a random delay within that window (the graceful timer), so that the clients of a
+  server going away do not all dial at the same instant.
+- ``reconnect_due``: the graceful timer fired in ``reconnecting``: the delayed attempt starts.
 - ``closed_by_server``: the server closed an open connection with 1000.
 - ``heartbeat_overdue``, ``traffic_resumed``, ``peer_dead``: the silence watchdog.
 - ``stable``: the connection stayed open for the stable period, which ends the outage.
@@ -25,6 +29,7 @@ Events and their inputs (keyword arguments):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 
 from statemachine import State, StateMachine
@@ -51,6 +56,10 @@ DEGRADED_AFTER = 1.2
 """Silence, in heartbeat intervals, after which an open connection counts as degraded."""
 DEAD_AFTER = 2.0
 """Silence, in heartbeat intervals, after which the peer counts as dead."""
+GRACEFUL_JITTER_MS = 0.0
+"""The default window a graceful reconnect's delay is drawn from: 0, so a graceful close
+reconnects at once, as before the window existed. 1000 (uniform over 0 to 1 s) spreads the
+clients of a server going away; the recovery benchmark measures it."""
 
 CLIENT_DISCONNECT = CloseSocket(1000, "Client disconnect")
 CLIENT_RECONNECT = CloseSocket(1000, "Client reconnect")
@@ -90,13 +99,16 @@ _LEAVE_OPEN: tuple[Effect, ...] = _cancel(Timer.HEARTBEAT, Timer.STABLE)
 _GIVE_UP_OPEN = (*_LEAVE_OPEN, ReturnQueue(), StartTimer(Timer.PROBE))
 _DISCONNECT = (*_cancel(*_ALL_TIMERS), CLIENT_DISCONNECT, ReturnQueue())
 _FORCE = (*_cancel(*_ALL_TIMERS), CLIENT_RECONNECT, ResetBackoff(), *_START_ATTEMPT)
+_SPREAD = ["is_graceful", "has_graceful_jitter"]
+"""A graceful close, with a window to spread its reconnect over."""
 
 
 class Lifecycle(StateMachine):
     """The client connection lifecycle: phases, events, guards and effects.
 
     The instance also holds the few counters its guards read (attempts in the current outage)
-    and resolves declared effects into concrete ones (a retry timer's jittered delay). It never
+    and resolves declared effects into concrete ones (a retry timer's jittered delay, a graceful
+    reconnect's random delay, both drawn from the backoff's injected random source). It never
     reads a clock and never touches a socket; call ``drain()`` after each event to collect the
     effects the runtime must carry out.
     """
@@ -131,13 +143,19 @@ class Lifecycle(StateMachine):
 
     retry_due = failed.to(reconnecting, on=emits(*_START_ATTEMPT))
 
+    reconnect_due = reconnecting.to.itself(on=emits(*_START_ATTEMPT))
+
     connection_lost = (
         open.to(fallback, unless="is_retryable", on=emits(*_GIVE_UP_OPEN))
         | open.to(fallback, unless="has_attempts_left", on=emits(*_GIVE_UP_OPEN))
+        | open.to(reconnecting, cond=_SPREAD, on=emits(*_LEAVE_OPEN, StartTimer(Timer.GRACEFUL)))
         | open.to(reconnecting, cond="is_graceful", on=emits(*_LEAVE_OPEN, *_START_ATTEMPT))
         | open.to(failed, on=emits(*_LEAVE_OPEN, StartTimer(Timer.RETRY)))
         | degraded.to(fallback, unless="is_retryable", on=emits(*_GIVE_UP_OPEN))
         | degraded.to(fallback, unless="has_attempts_left", on=emits(*_GIVE_UP_OPEN))
+        | degraded.to(
+            reconnecting, cond=_SPREAD, on=emits(*_LEAVE_OPEN, StartTimer(Timer.GRACEFUL))
+        )
         | degraded.to(reconnecting, cond="is_graceful", on=emits(*_LEAVE_OPEN, *_START_ATTEMPT))
         | degraded.to(failed, on=emits(*_LEAVE_OPEN, StartTimer(Timer.RETRY)))
     )
@@ -194,6 +212,7 @@ class Lifecycle(StateMachine):
         stable_after_ms: float = 5_000,
         fallback_probe_interval_ms: float | None = 60_000,
         heartbeat_interval_ms: float | None = None,
+        graceful_jitter_ms: float = GRACEFUL_JITTER_MS,
         start_phase: Phase = Phase.IDLE,
         attempts: int = 0,
     ) -> None:
@@ -206,12 +225,19 @@ class Lifecycle(StateMachine):
                 "fallback_probe_interval_ms must be > 0 or None (disabled), "
                 f"got {fallback_probe_interval_ms!r}"
             )
+        # Written as a negated range check so that NaN is rejected too.
+        if not 0 <= graceful_jitter_ms < math.inf:
+            raise ValueError(
+                f"graceful_jitter_ms must be a finite number >= 0, got {graceful_jitter_ms!r}"
+            )
         self.backoff = backoff if backoff is not None else BackoffStrategy()
         self.connection_timeout_ms = connection_timeout_ms
         self.stable_after_ms = stable_after_ms
         self.fallback_probe_interval_ms = fallback_probe_interval_ms
         self.heartbeat_interval_ms = heartbeat_interval_ms
         """Set from the hello before ``handshake_succeeded``; None disables the watchdog."""
+        self.graceful_jitter_ms = graceful_jitter_ms
+        """The window a graceful reconnect's delay is drawn from; 0 reconnects at once."""
         self.attempts = attempts
         """Counted attempts started in the current outage, the first included."""
         self._outbox: list[Effect] = []
@@ -231,6 +257,10 @@ class Lifecycle(StateMachine):
     def is_graceful(self, graceful: bool) -> bool:
         """Guard: the server said it is going away (1001) and advertised graceful reconnect."""
         return graceful
+
+    def has_graceful_jitter(self) -> bool:
+        """Guard: a graceful reconnect waits a random delay (``graceful_jitter_ms`` > 0)."""
+        return self.graceful_jitter_ms > 0
 
     def has_attempts_left(self) -> bool:
         """Guard: another counted attempt fits within ``max_attempts``."""
@@ -283,6 +313,9 @@ class Lifecycle(StateMachine):
                 return self.stable_after_ms
             case Timer.PROBE:
                 return self.fallback_probe_interval_ms
+            case Timer.GRACEFUL:
+                # Drawn from the backoff's random source, without taking a backoff step.
+                return self.backoff.spread_delay(self.graceful_jitter_ms)
             case Timer.HEARTBEAT:  # pragma: no branch - the match covers every Timer
                 if self.heartbeat_interval_ms is None or heartbeats is None:
                     return None

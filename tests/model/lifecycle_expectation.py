@@ -15,7 +15,9 @@ The inputs a guard can read:
 
 - ``retryable``: the failure can be fixed by retrying (``classify``);
 - ``graceful``: a 1001 from a server that advertised ``graceful_reconnect``;
-- ``attempts_left``: another counted attempt fits within ``max_attempts``.
+- ``attempts_left``: another counted attempt fits within ``max_attempts``;
+- ``graceful_jitter``: the configuration has a window (``graceful_jitter_ms`` > 0) that a
+  graceful reconnect's delay is drawn from.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ EVENTS = (
     "handshake_succeeded",
     "attempt_failed",
     "retry_due",
+    "reconnect_due",
     "connection_lost",
     "closed_by_server",
     "heartbeat_overdue",
@@ -71,15 +74,16 @@ class Inputs:
     retryable: bool
     graceful: bool
     attempts_left: bool
+    graceful_jitter: bool
 
     def __str__(self) -> str:
         return (
             f"retryable={self.retryable} graceful={self.graceful} "
-            f"attempts_left={self.attempts_left}"
+            f"attempts_left={self.attempts_left} graceful_jitter={self.graceful_jitter}"
         )
 
 
-ALL_INPUTS = tuple(Inputs(*combo) for combo in itertools.product((True, False), repeat=3))
+ALL_INPUTS = tuple(Inputs(*combo) for combo in itertools.product((True, False), repeat=4))
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +93,7 @@ class When:
     retryable: bool | None = None
     graceful: bool | None = None
     attempts_left: bool | None = None
+    graceful_jitter: bool | None = None
 
     def matches(self, inputs: Inputs) -> bool:
         """Whether this condition holds for ``inputs``."""
@@ -98,6 +103,7 @@ class When:
                 (self.retryable, inputs.retryable),
                 (self.graceful, inputs.graceful),
                 (self.attempts_left, inputs.attempts_left),
+                (self.graceful_jitter, inputs.graceful_jitter),
             )
         )
 
@@ -124,6 +130,7 @@ CANCEL_EVERY_TIMER: tuple[Effect, ...] = (
     CancelTimer(Timer.HEARTBEAT),
     CancelTimer(Timer.PROBE),
     CancelTimer(Timer.STABLE),
+    CancelTimer(Timer.GRACEFUL),
 )
 NEW_ATTEMPT: tuple[Effect, ...] = (OpenSocket(), StartTimer(Timer.CONNECT))
 ENTER_OPEN: tuple[Effect, ...] = (
@@ -139,6 +146,7 @@ ABANDON_ATTEMPT: tuple[Effect, ...] = (
 LEAVE_OPEN: tuple[Effect, ...] = (CancelTimer(Timer.HEARTBEAT), CancelTimer(Timer.STABLE))
 GIVE_UP: tuple[Effect, ...] = (ReturnQueue(), StartTimer(Timer.PROBE))
 WAIT_ONE_STEP: tuple[Effect, ...] = (StartTimer(Timer.RETRY),)
+WAIT_GRACEFUL_DELAY: tuple[Effect, ...] = (StartTimer(Timer.GRACEFUL),)
 DISCONNECT: tuple[Effect, ...] = (
     *CANCEL_EVERY_TIMER,
     CloseSocket(1000, "Client disconnect"),
@@ -168,13 +176,18 @@ def _attempt_failed(source: Phase) -> list[Expect]:
 
 def _connection_lost(source: Phase) -> list[Expect]:
     """An open (or degraded) connection ended other than by a normal close."""
-    graceful = When(retryable=True, graceful=True, attempts_left=True)
+    spread = When(retryable=True, graceful=True, attempts_left=True, graceful_jitter=True)
+    at_once = When(retryable=True, graceful=True, attempts_left=True, graceful_jitter=False)
     abrupt = When(retryable=True, graceful=False, attempts_left=True)
     return [
         Expect(source, "connection_lost", NOT_RETRYABLE, FALLBACK, (*LEAVE_OPEN, *GIVE_UP)),
         Expect(source, "connection_lost", NONE_LEFT, FALLBACK, (*LEAVE_OPEN, *GIVE_UP)),
-        # A graceful 1001 reconnects at once, with no backoff step, from open and degraded.
-        Expect(source, "connection_lost", graceful, RECONNECTING, (*LEAVE_OPEN, *NEW_ATTEMPT)),
+        # A graceful 1001 reconnects with no backoff step, from open and degraded: after a
+        # random delay when a window is configured (reconnecting, no attempt yet), else at once.
+        Expect(
+            source, "connection_lost", spread, RECONNECTING, (*LEAVE_OPEN, *WAIT_GRACEFUL_DELAY)
+        ),
+        Expect(source, "connection_lost", at_once, RECONNECTING, (*LEAVE_OPEN, *NEW_ATTEMPT)),
         Expect(source, "connection_lost", abrupt, FAILED, (*LEAVE_OPEN, *WAIT_ONE_STEP)),
         Expect(source, "closed_by_server", ALWAYS, IDLE, LEAVE_OPEN),
         Expect(source, "stable", ALWAYS, source, (ResetBackoff(),)),
@@ -234,6 +247,8 @@ EXPECTED: tuple[Expect, ...] = (
     *_application_exits(DEGRADED),
     # reconnecting: every later attempt of an outage
     Expect(RECONNECTING, "handshake_succeeded", ALWAYS, OPEN, ENTER_OPEN),
+    # the graceful delay is over: the attempt it held back starts, still no backoff step
+    Expect(RECONNECTING, "reconnect_due", ALWAYS, RECONNECTING, NEW_ATTEMPT),
     *_attempt_failed(RECONNECTING),
     *_application_exits(RECONNECTING),
     # failed: waiting one backoff step

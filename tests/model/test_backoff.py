@@ -384,3 +384,50 @@ def test_the_defaults_are_the_documented_production_values() -> None:
     assert strategy.cap_delay_ms == 12000.0
     assert strategy.jitter_ratio == 0.2
     assert strategy.max_attempts == 8
+
+
+# -- the spread delay (a graceful reconnect's) ----------------------------------------------
+
+
+def test_a_spread_delay_scales_one_draw_from_the_injected_source() -> None:
+    source = CountingRandom(0.25)
+    strategy = BackoffStrategy(rng=source)
+    assert strategy.spread_delay(1000) == 250.0
+    assert source.calls == 1
+
+
+def test_a_spread_delay_takes_no_backoff_step() -> None:
+    strategy = BackoffStrategy(jitter_ratio=0.0, seed=5)
+    strategy.spread_delay(1000)
+    assert strategy.current_attempt == 0
+    assert strategy.next_delay() == 1000.0
+
+
+def test_a_spread_window_of_zero_draws_nothing() -> None:
+    source = CountingRandom()
+    strategy = BackoffStrategy(rng=source)
+    assert strategy.spread_delay(0) == 0.0
+    assert source.calls == 0
+
+
+def test_a_seeded_strategy_pins_spread_delays_and_the_jitter_after_them() -> None:
+    first, second = BackoffStrategy(seed=11), BackoffStrategy(seed=11)
+    assert [first.spread_delay(500), first.next_delay()] == [
+        second.spread_delay(500),
+        second.next_delay(),
+    ]
+    mirror = random.Random(4)
+    strategy = BackoffStrategy(rng=random.Random(4))
+    assert strategy.spread_delay(1000) == 1000 * mirror.random()
+
+
+@given(st.floats(0.0, 1e7), st.integers(0, 2**32))
+def test_spread_delays_stay_within_the_window(window: float, seed: int) -> None:
+    delay = BackoffStrategy(seed=seed).spread_delay(window)
+    assert 0.0 <= delay <= window
+
+
+@pytest.mark.parametrize("window", [-0.001, float("nan"), float("inf")])
+def test_a_spread_window_must_be_a_finite_number_of_at_least_zero(window: float) -> None:
+    with pytest.raises(ValueError, match="window_ms must be a finite number >= 0"):
+        BackoffStrategy(seed=1).spread_delay(window)

@@ -142,6 +142,48 @@ class OpenGracefulWaits(Lifecycle):
         return False
 
 
+class IgnoresTheGracefulWindow(Lifecycle):
+    """Behaves as if ``connection_lost[is_graceful and has_graceful_jitter]`` were deleted: a
+    graceful close reconnects at once although a window is configured (the storm)."""
+
+    def has_graceful_jitter(self) -> bool:
+        return False
+
+
+class SpreadsWithoutAWindow(Lifecycle):
+    """Waits a graceful delay even with a window of 0, which must keep the old behaviour."""
+
+    def has_graceful_jitter(self) -> bool:
+        return True
+
+
+class GracefulDelayTakesABackoffStep(Lifecycle):
+    """Draws the graceful delay as the next backoff step instead of from the window."""
+
+    def _delay_for(self, timer: Timer, heartbeats: float | None) -> float | None:
+        if timer is Timer.GRACEFUL:
+            return self.backoff.next_delay()
+        return super()._delay_for(timer, heartbeats)
+
+
+class GracefulDelayBeyondTheWindow(Lifecycle):
+    """Waits twice the configured window."""
+
+    def _delay_for(self, timer: Timer, heartbeats: float | None) -> float | None:
+        if timer is Timer.GRACEFUL:
+            return 2 * self.graceful_jitter_ms
+        return super()._delay_for(timer, heartbeats)
+
+
+class GracefulDelayEndsInNoAttempt(Lifecycle):
+    """Forgets the attempt when the graceful delay ends (re-arms the delay instead)."""
+
+    def resolve(self, effect: Effect) -> Effect | None:
+        if isinstance(effect, OpenSocket) and self.phase is Phase.RECONNECTING:
+            return StartTimer(Timer.GRACEFUL, self.graceful_jitter_ms)
+        return super().resolve(effect)
+
+
 class OpensWithoutHello(Lifecycle):
     """Counts every new attempt as a successful handshake, before any hello arrived."""
 
@@ -271,3 +313,62 @@ def test_the_cycle_finder_reports_a_cycle_even_beside_a_dead_end() -> None:
     violations = explorer._cycles_avoiding_open(list(graph), graph, parent)
     assert {v.world for v in violations} == {start, loop}
     assert all(v.invariant is Invariant.RECOVERS_WHEN_UP for v in violations)
+
+
+WINDOW = Config(max_attempts=3, graceful_jitter_ms=1000.0)
+
+
+@pytest.mark.parametrize(
+    ("variant", "config", "invariant"),
+    [
+        (IgnoresTheGracefulWindow, WINDOW, Invariant.GRACEFUL_SPREAD),
+        (SpreadsWithoutAWindow, Config(max_attempts=3), Invariant.GRACEFUL_WITHOUT_BACKOFF),
+        (GracefulDelayTakesABackoffStep, WINDOW, Invariant.GRACEFUL_WITHOUT_BACKOFF),
+        (GracefulDelayBeyondTheWindow, WINDOW, Invariant.GRACEFUL_SPREAD),
+        (GracefulDelayEndsInNoAttempt, WINDOW, Invariant.GRACEFUL_SPREAD),
+        (DegradedGracefulWaits, WINDOW, Invariant.GRACEFUL_WITHOUT_BACKOFF),
+    ],
+    ids=lambda v: getattr(v, "__name__", None) or "",
+)
+def test_the_explorer_rejects_a_broken_graceful_delay_and_names_the_invariant(
+    variant: type[Lifecycle], config: Config, invariant: Invariant, summary: Summary
+) -> None:
+    reports = check(variant, (config,))
+    broken = set().union(*(r.broken for r in reports))
+    summary(
+        "model check: broken variants rejected",
+        f"{variant.__name__} (graceful_jitter_ms={config.graceful_jitter_ms:g}): "
+        + ", ".join(sorted(i.name for i in broken)),
+    )
+    assert invariant in broken
+
+
+def test_default_configs_cover_a_graceful_window() -> None:
+    assert any(c.graceful_jitter_ms > 0 and c.max_attempts == 1 for c in DEFAULT_CONFIGS)
+    assert any(c.graceful_jitter_ms > 0 and c.max_attempts > 1 for c in DEFAULT_CONFIGS)
+
+
+def test_a_graceful_close_with_a_window_waits_in_reconnecting_then_attempts() -> None:
+    explorer = Explorer(WINDOW)
+    world = World(
+        Phase.OPEN,
+        1,
+        Socket.READY,
+        frozenset({Timer.HEARTBEAT, Timer.STABLE}),
+        Server.UP,
+        stopped=False,
+    )
+    step = explorer.step(world, Input.GOING_AWAY)
+    assert step.problems == ()
+    assert step.world == World(
+        Phase.RECONNECTING, 1, Socket.NONE, frozenset({Timer.GRACEFUL}), Server.UP, False
+    )
+    [delay] = [e.delay_ms for e in step.effects if isinstance(e, StartTimer)]
+    assert delay is not None
+    assert 0 <= delay <= 1000.0
+    assert _event_for(step.world, Input.GRACEFUL_TIMER) == ("reconnect_due", {})
+    after = explorer.step(step.world, Input.GRACEFUL_TIMER)
+    assert after.problems == ()
+    assert after.world == World(
+        Phase.RECONNECTING, 2, Socket.DIALING, frozenset({Timer.CONNECT}), Server.UP, False
+    )

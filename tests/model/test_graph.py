@@ -38,6 +38,7 @@ def test_effects_text_merges_a_run_of_cancels_into_one_phrase() -> None:
 def test_row_ids_name_source_event_guard_and_target() -> None:
     ids = [row.id for row in rows()]
     assert "open-connection_lost[is_graceful]-reconnecting" in ids
+    assert "open-connection_lost[is_graceful and has_graceful_jitter]-reconnecting" in ids
     assert "degraded-peer_dead[not has_attempts_left]-fallback" in ids
     assert len(ids) == len(set(ids))
 
@@ -49,6 +50,7 @@ def test_mermaid_has_the_notice_the_start_and_one_edge_per_row() -> None:
     assert len(edges) == len(rows())
     assert "    open --> reconnecting: connection_lost [is_graceful]" in edges
     assert "    failed --> reconnecting: retry_due" in edges
+    assert "    reconnecting --> reconnecting: reconnect_due" in edges
 
 
 def test_the_markdown_table_numbers_every_row_and_documents_every_effect() -> None:
@@ -60,7 +62,11 @@ def test_the_markdown_table_numbers_every_row_and_documents_every_effect() -> No
     assert len(numbered) == len(rows())
     assert numbered[0].startswith("| 1 | `idle` | `connect` |  | `connecting` | reset backoff")
     assert (
-        "| 12 | `open` | `connection_lost` | `is_graceful` | `reconnecting` "
+        "| 12 | `open` | `connection_lost` | `is_graceful and has_graceful_jitter` "
+        "| `reconnecting` | cancel heartbeat/stable timers, start graceful timer |"
+    ) in lines
+    assert (
+        "| 13 | `open` | `connection_lost` | `is_graceful` | `reconnecting` "
         "| cancel heartbeat/stable timers, open socket, start connect timer |"
     ) in lines
     for effect_type in EFFECT_TYPES:

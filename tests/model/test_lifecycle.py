@@ -8,6 +8,8 @@ is changed, added or deleted in one place only fails here.
 
 from __future__ import annotations
 
+import math
+import random
 from collections.abc import Callable
 from typing import Any, get_args
 
@@ -42,11 +44,33 @@ STABLE_MS = 5_000.0
 PROBE_MS = 60_000.0
 HEARTBEAT_MS = 1_000.0
 FIRST_RETRY_MS = 1_000.0
+GRACEFUL_MS = 800.0
+DRAW = 0.25
+"""What the pinned random source returns: a graceful delay is DRAW * GRACEFUL_MS."""
 
 
-def _machine(phase: Phase = Phase.IDLE, attempts: int = 0) -> Lifecycle:
+class Pinned:
+    """A random source that always returns ``DRAW`` (the backoff has no jitter to draw)."""
+
+    def random(self) -> float:
+        return DRAW
+
+
+class NoDraws:
+    """A random source that must not be consulted."""
+
+    def random(self) -> float:
+        raise AssertionError("drew a random number")
+
+
+def _machine(
+    phase: Phase = Phase.IDLE, attempts: int = 0, graceful_jitter_ms: float = 0.0
+) -> Lifecycle:
     backoff = BackoffStrategy(
-        base_delays_ms=(FIRST_RETRY_MS, 2000), jitter_ratio=0.0, max_attempts=MAX_ATTEMPTS
+        base_delays_ms=(FIRST_RETRY_MS, 2000),
+        jitter_ratio=0.0,
+        max_attempts=MAX_ATTEMPTS,
+        rng=Pinned(),
     )
     return Lifecycle(
         backoff=backoff,
@@ -54,6 +78,7 @@ def _machine(phase: Phase = Phase.IDLE, attempts: int = 0) -> Lifecycle:
         stable_after_ms=STABLE_MS,
         fallback_probe_interval_ms=PROBE_MS,
         heartbeat_interval_ms=HEARTBEAT_MS,
+        graceful_jitter_ms=graceful_jitter_ms,
         start_phase=phase,
         attempts=attempts,
     )
@@ -65,6 +90,7 @@ GUARDS: dict[str, Callable[[Inputs], bool]] = {
     "is_retryable": lambda inputs: inputs.retryable,
     "is_graceful": lambda inputs: inputs.graceful,
     "has_attempts_left": lambda inputs: inputs.attempts_left,
+    "has_graceful_jitter": lambda inputs: inputs.graceful_jitter,
 }
 
 
@@ -108,6 +134,7 @@ def _resolved(expect: Expect, attempts_before: int) -> tuple[list[Effect], int]:
                     Timer.STABLE: STABLE_MS,
                     Timer.PROBE: PROBE_MS,
                     Timer.HEARTBEAT: (heartbeats or 0.0) * HEARTBEAT_MS,
+                    Timer.GRACEFUL: DRAW * GRACEFUL_MS,
                 }[timer]
                 effect = StartTimer(timer, delay, heartbeats)
         out.append(effect)
@@ -116,7 +143,8 @@ def _resolved(expect: Expect, attempts_before: int) -> tuple[list[Effect], int]:
 
 def _check_against_expectation(source: Phase, event: str, inputs: Inputs) -> None:
     attempts = 1 if inputs.attempts_left else MAX_ATTEMPTS
-    machine = _machine(source, attempts=attempts)
+    window = GRACEFUL_MS if inputs.graceful_jitter else 0.0
+    machine = _machine(source, attempts=attempts, graceful_jitter_ms=window)
     expect = expected(source, event, inputs)
     where = f"{source} --{event}--> with {inputs}"
     if expect is None:
@@ -226,6 +254,7 @@ def test_invalid_configuration_is_a_clear_error() -> None:
         ("connection_timeout_ms", 0.001, 0.0),
         ("stable_after_ms", 0.0, -0.001),
         ("fallback_probe_interval_ms", 0.001, 0.0),
+        ("graceful_jitter_ms", 0.0, -0.001),
     ],
 )
 def test_configuration_bounds_are_exact(
@@ -338,3 +367,58 @@ def test_the_lifecycle_defaults_are_the_documented_ones() -> None:
     assert machine.stable_after_ms == 5_000
     assert machine.fallback_probe_interval_ms == 60_000
     assert machine.heartbeat_interval_ms is None
+    assert machine.graceful_jitter_ms == 0
+
+
+# -- the graceful reconnect's delay ------------------------------------------------------------
+
+
+def test_a_graceful_close_with_a_window_waits_a_delay_drawn_from_the_backoffs_source() -> None:
+    backoff = BackoffStrategy(jitter_ratio=0.2, rng=random.Random(7))
+    machine = Lifecycle(
+        backoff=backoff, graceful_jitter_ms=1000, start_phase=Phase.OPEN, attempts=1
+    )
+    machine.send("connection_lost", retryable=True, graceful=True)
+    assert machine.phase is Phase.RECONNECTING
+    assert machine.attempts == 1
+    [delay] = [e for e in machine.drain() if isinstance(e, StartTimer)]
+    assert delay == StartTimer(Timer.GRACEFUL, 1000 * random.Random(7).random())
+    machine.send("reconnect_due")
+    assert machine.phase is Phase.RECONNECTING
+    assert machine.drain() == [OpenSocket(attempt=2), StartTimer(Timer.CONNECT, 10_000)]
+
+
+def test_a_graceful_delay_takes_no_backoff_step() -> None:
+    machine = _machine(Phase.OPEN, attempts=1, graceful_jitter_ms=GRACEFUL_MS)
+    machine.send("connection_lost", retryable=True, graceful=True)
+    machine.send("reconnect_due")
+    machine.send("attempt_failed", retryable=True)
+    assert machine.backoff.current_attempt == 1
+    assert StartTimer(Timer.RETRY, FIRST_RETRY_MS) in machine.drain()
+
+
+def test_graceful_delays_lie_within_the_window() -> None:
+    backoff = BackoffStrategy(jitter_ratio=0.0, rng=random.Random(3))
+    delays = []
+    for _ in range(200):
+        machine = Lifecycle(
+            backoff=backoff, graceful_jitter_ms=250, start_phase=Phase.DEGRADED, attempts=1
+        )
+        machine.send("connection_lost", retryable=True, graceful=True)
+        delays += [e.delay_ms for e in machine.drain() if isinstance(e, StartTimer)]
+    assert len(delays) == 200
+    assert all(delay is not None and 0 <= delay < 250 for delay in delays)
+    assert len(set(delays)) == 200
+
+
+def test_without_a_window_a_graceful_close_draws_nothing_and_reconnects_at_once() -> None:
+    backoff = BackoffStrategy(jitter_ratio=0.0, rng=NoDraws())
+    machine = Lifecycle(backoff=backoff, start_phase=Phase.OPEN, attempts=1)
+    machine.send("connection_lost", retryable=True, graceful=True)
+    assert OpenSocket(attempt=2) in machine.drain()
+
+
+@pytest.mark.parametrize("window", [-1.0, math.nan, math.inf])
+def test_a_graceful_window_must_be_a_finite_number_of_at_least_zero(window: float) -> None:
+    with pytest.raises(ValueError, match="graceful_jitter_ms must be a finite number >= 0"):
+        Lifecycle(graceful_jitter_ms=window)
