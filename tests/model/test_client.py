@@ -1965,3 +1965,129 @@ def test_a_message_on_a_degraded_connection_is_delivered_and_ends_the_spell() ->
     v2.apply(numbered.effects)
     assert numbered.message == {"type": "chat"}
     assert v2.phase() is Phase.OPEN
+
+
+# -- the graceful reconnect's random delay (graceful_jitter_ms) --------------------------------
+
+GRACEFUL_WINDOW_MS = 1000.0
+GRACEFUL_DRAW = 0.375
+"""What the pinned source returns: the drawn delay is GRACEFUL_DRAW * GRACEFUL_WINDOW_MS."""
+
+
+class PinnedRandom:
+    """The backoff's random source, pinned: every draw returns ``GRACEFUL_DRAW``."""
+
+    def __init__(self) -> None:
+        self.draws = 0
+
+    def random(self) -> float:
+        self.draws += 1
+        return GRACEFUL_DRAW
+
+
+def graceful_client(window_ms: float = GRACEFUL_WINDOW_MS) -> tuple[Driver, PinnedRandom]:
+    """An open client whose graceful reconnect waits a delay drawn within ``window_ms``."""
+    clock = FakeClock()
+    source = PinnedRandom()
+    backoff = BackoffStrategy(
+        base_delays_ms=DELAYS, jitter_ratio=0, max_attempts=MAX_ATTEMPTS, rng=source
+    )
+    config = ClientConfig(
+        base_url=BASE_URL,
+        client_id=CLIENT_ID,
+        connection_timeout_ms=CONNECT_MS,
+        stable_after_ms=STABLE_MS,
+        graceful_jitter_ms=window_ms,
+    )
+    rt = Driver(ClientCore(config, clock, backoff), clock)
+    rt.connect()
+    rt.hello()
+    assert rt.phase() is Phase.OPEN
+    return rt, source
+
+
+def test_the_graceful_window_defaults_to_zero_and_is_validated() -> None:
+    assert ClientConfig(base_url=BASE_URL, client_id=CLIENT_ID).graceful_jitter_ms == 0
+    config = ClientConfig(base_url=BASE_URL, client_id=CLIENT_ID, graceful_jitter_ms=-1)
+    with pytest.raises(ValueError, match="graceful_jitter_ms"):
+        ClientCore(config, FakeClock())
+
+
+def test_a_going_away_close_with_a_graceful_window_waits_a_drawn_delay_then_reconnects() -> None:
+    rt, source = graceful_client()
+    delay = GRACEFUL_DRAW * GRACEFUL_WINDOW_MS
+
+    effects = rt.close(CloseFailure(1001, "Server shutting down"))
+
+    assert rt.phase() is Phase.RECONNECTING
+    assert plain(effects) == [
+        CancelTimer(Timer.HEARTBEAT),
+        CancelTimer(Timer.STABLE),
+        StartTimer(Timer.GRACEFUL, delay),
+    ]
+    assert source.draws == 1
+    assert rt.core.pending_timers == frozenset({Timer.GRACEFUL})
+    assert rt.core.timer_due(Timer.GRACEFUL) == pytest.approx(delay / 1000.0)
+    assert rt.core.live_generation is None
+    # While it waits, the client queues as it does in every reconnecting phase.
+    assert rt.core.offer(encode({"type": "chat"})) is Offer.QUEUED
+
+    effects = rt.fire(Timer.GRACEFUL)
+
+    assert rt.phase() is Phase.RECONNECTING
+    assert plain(effects) == [OpenSocket(attempt=2), StartTimer(Timer.CONNECT, CONNECT_MS)]
+    assert rt.core.live_generation == 2
+    rt.hello()
+    assert rt.phase() is Phase.OPEN
+    assert rt.flushed == [{"type": "chat"}]
+
+
+def test_the_graceful_delay_takes_no_backoff_step() -> None:
+    rt, _ = graceful_client()
+    rt.close(CloseFailure(1001, "Server shutting down"))
+    rt.fire(Timer.GRACEFUL)
+
+    effects = rt.fail(REFUSED)
+
+    assert rt.phase() is Phase.FAILED
+    assert retry_delays(effects) == [DELAYS[0]]
+
+
+def test_the_graceful_delay_is_logged_and_noted_as_the_next_attempts_eta(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="steadysocket")
+    rt, _ = graceful_client()
+    delay = GRACEFUL_DRAW * GRACEFUL_WINDOW_MS
+
+    rt.close(CloseFailure(1001, "Server shutting down"))
+
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("steadysocket")]
+    assert f"[WS] graceful reconnect in {delay:.0f} ms" in lines
+    opened = rt.core.snapshot().recent_attempts[0]
+    assert opened.next_retry_delay_ms == delay
+    assert opened.next_retry_eta == T0 + timedelta(milliseconds=delay)
+
+
+def test_disconnect_during_the_graceful_delay_cancels_it() -> None:
+    rt, _ = graceful_client()
+    rt.close(CloseFailure(1001, "Server shutting down"))
+    token = rt.token(Timer.GRACEFUL)
+
+    effects = rt.disconnect()
+
+    assert rt.phase() is Phase.IDLE
+    assert CancelTimer(Timer.GRACEFUL) in effects
+    assert rt.core.pending_timers == frozenset()
+    assert rt.core.timer_fired(Timer.GRACEFUL, token) == []
+    assert rt.phase() is Phase.IDLE
+
+
+def test_with_a_window_of_zero_a_graceful_close_draws_nothing_and_reconnects_at_once() -> None:
+    rt, source = graceful_client(window_ms=0)
+
+    effects = rt.close(CloseFailure(1001, "Server shutting down"))
+
+    assert OpenSocket(attempt=2) in effects
+    assert Timer.GRACEFUL not in rt.core.pending_timers
+    assert source.draws == 0
