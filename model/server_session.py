@@ -974,11 +974,13 @@ class ServerSession:
         """
         if self.state is not SessionState.NEW:
             raise RuntimeError(f"open() on a session that is {self.state.value}")
-        decision = self._checked
-        if decision is None:
-            decision = validate_query(query, accept_v2=sessions is not None)
-        elif decision.version == 2 and sessions is None:
+        checked = self._checked
+        if checked is not None and checked.version == 2 and sessions is None:
             raise RuntimeError("open() without sessions after check() accepted version 2")
+        if checked is None:
+            decision = validate_query(query, accept_v2=sessions is not None)
+        else:
+            decision = checked
         if not isinstance(decision, Accept):
             self.state = SessionState.CLOSED
             return [Close(decision.code, decision.reason)]

@@ -62,6 +62,7 @@ from steadysocket.model.server_session import (
     ClientRoute,
     CloseRecord,
     match_route,
+    select_subprotocol,
 )
 from steadysocket.runtime.server import EndpointOptions, Endpoints
 
@@ -370,8 +371,12 @@ class SteadyASGI(Endpoints):
             return
         self._admitted += 1
         try:
+            accept: Message = {"type": "websocket.accept"}
+            subprotocol = select_subprotocol(scope.get("subprotocols") or (), self.subprotocols)
+            if subprotocol is not None:
+                accept["subprotocol"] = subprotocol
             try:
-                await send({"type": "websocket.accept"})
+                await send(accept)
             except OSError:
                 return  # the client left during the upgrade
             link = _ASGILink(receive, send, remote_address=_describe_peer(scope))
@@ -380,7 +385,11 @@ class SteadyASGI(Endpoints):
                     async with asyncio.timeout(self.config.close_timeout):
                         await link.close(SHUTDOWN.code, SHUTDOWN.reason)
             elif isinstance(route, ClientRoute):
-                await self.serve_client(link, route.query)
+                headers = [
+                    (name.decode("latin-1"), value.decode("latin-1"))
+                    for name, value in scope.get("headers") or ()
+                ]
+                await self.serve_client(link, route.query, headers=headers, subprotocol=subprotocol)
             else:
                 await self.serve_legacy(link, route.client_id)
         finally:

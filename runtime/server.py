@@ -80,11 +80,11 @@ import os
 import secrets
 import signal
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from ssl import SSLContext
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 from typing import (
     Any,
     ClassVar,
@@ -97,12 +97,14 @@ from typing import (
     cast,
     runtime_checkable,
 )
+from urllib.parse import parse_qs
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import Event, State
+from websockets.typing import Subprotocol
 
 from steadysocket.model.delivery import DeliveryConfig, Inbound, SessionStore
 from steadysocket.model.delivery import ServerSession as DeliverySession
@@ -134,10 +136,13 @@ from steadysocket.model.server_session import (
     gc_step,
     legacy_reply,
     match_route,
+    select_subprotocol,
 )
 from steadysocket.runtime.broker import Broker, MemoryBroker
 
 __all__ = [
+    "AuthenticateHook",
+    "AuthenticationFailed",
     "Client",
     "ConnectHook",
     "DisconnectHook",
@@ -146,7 +151,9 @@ __all__ = [
     "Link",
     "MessageHandler",
     "PingAware",
+    "RequestHeaders",
     "SteadyServer",
+    "TokenExpired",
     "WritesNow",
     "echo_handler",
     "serve_until_signalled",
@@ -168,8 +175,13 @@ ConnectHook = Callable[["Client"], Awaitable[None]]
 DisconnectHook = Callable[["Client"], Awaitable[None]]
 """``async def hook(client)``: after the connection ended; ``client.close_code`` tells how."""
 
+AuthenticateHook = Callable[["Client"], Awaitable[object]]
+"""``async def authenticate(client)``: before the hello; what it returns is
+``client.identity``, raising :class:`AuthenticationFailed` or :class:`TokenExpired` refuses."""
+
 _H = TypeVar("_H", bound=MessageHandler)
 _C = TypeVar("_C", bound=ConnectHook)
+_A = TypeVar("_A", bound=AuthenticateHook)
 
 _RESERVED_TYPES = frozenset({MessageType.PING, MessageType.PONG, MessageType.STATUS})
 _INBOX_LIMIT = 16
@@ -622,19 +634,150 @@ def _reschedule_now(scope: asyncio.Timeout | None) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
+class AuthenticationFailed(Exception):
+    """Raised by an ``authenticate`` hook: the credentials are refused, for good.
+
+    The connection is closed with **4403** and ``reason`` (``Authentication failed`` when
+    empty); a steadysocket client classifies it ``handshake``, not retryable (fallback at once).
+    """
+
+    code: ClassVar[int] = CloseCode.AUTH_REFUSED
+
+    def __init__(self, reason: str = "") -> None:
+        super().__init__(reason or self.__class__.__name__)
+        self.reason = reason
+
+
+class TokenExpired(AuthenticationFailed):
+    """Raised by an ``authenticate`` hook: the credentials were good but have expired.
+
+    The connection is closed with **4419** and ``reason`` (``Token expired`` when empty); a
+    steadysocket client classifies it ``handshake``, retryable, and its ``auth`` callable is
+    asked for a fresh token before the next attempt.
+    """
+
+    code: ClassVar[int] = CloseCode.AUTH_EXPIRED
+
+
+class RequestHeaders(Mapping[str, str]):
+    """The headers of a connection's upgrade request, read-only.
+
+    Names are case-insensitive (iterated in lower case). A header sent more than once reads as
+    its values joined with ``", "`` (RFC 9110, 5.3); :meth:`get_all` lists them one by one.
+    """
+
+    __slots__ = ("_index",)
+
+    def __init__(self, pairs: Iterable[tuple[str, str]] = ()) -> None:
+        index: dict[str, list[str]] = {}
+        for name, value in pairs:
+            index.setdefault(name.lower(), []).append(value)
+        self._index = index
+
+    def __getitem__(self, name: str) -> str:
+        if not isinstance(name, str):
+            raise KeyError(name)
+        return ", ".join(self._index[name.lower()])
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name.lower() in self._index
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def get_all(self, name: str) -> list[str]:
+        """Every value of header ``name``, in the order received (``[]`` when absent)."""
+        return list(self._index.get(name.lower(), ()))
+
+    def __repr__(self) -> str:
+        return f"RequestHeaders({sorted(self._index)!r})"
+
+
+_NO_PAIRS: tuple[tuple[str, str], ...] = ()
+
+
+class _Request:
+    """What a ``/ws/client`` connection's upgrade request said, parsed when first read."""
+
+    __slots__ = ("_headers", "_query", "identity", "raw_headers", "raw_query", "subprotocol")
+
+    def __init__(
+        self,
+        raw_query: str = "",
+        raw_headers: Iterable[tuple[str, str]] = _NO_PAIRS,
+        subprotocol: str | None = None,
+    ) -> None:
+        self.raw_query = raw_query
+        self.raw_headers = raw_headers
+        self.subprotocol = subprotocol
+        self.identity: object = None
+        self._query: Mapping[str, str] | None = None
+        self._headers: RequestHeaders | None = None
+
+    @property
+    def query(self) -> Mapping[str, str]:
+        if self._query is None:
+            raw = self.raw_query[1:] if self.raw_query.startswith("?") else self.raw_query
+            # As the protocol's query checks read it: the first value of a repeated name counts.
+            parsed = parse_qs(raw, keep_blank_values=True)
+            self._query = MappingProxyType({name: values[0] for name, values in parsed.items()})
+        return self._query
+
+    @property
+    def headers(self) -> RequestHeaders:
+        if self._headers is None:
+            self._headers = RequestHeaders(self.raw_headers)
+        return self._headers
+
+
 class Client:
     """One connected ``/ws/client`` peer, as hooks and handlers see it.
 
     Several connections may share a ``client_id`` (two browser tabs); each is its own
-    :class:`Client`.
+    :class:`Client`. The ``authenticate`` hook sees the same object before the hello
+    (``request_id`` still empty, ``session_id`` None).
     """
 
-    __slots__ = ("_conn", "_endpoints", "_session")
+    __slots__ = ("_conn", "_endpoints", "_request", "_session")
 
-    def __init__(self, endpoints: Endpoints, conn: _Conn, session: ServerSession) -> None:
+    def __init__(
+        self,
+        endpoints: Endpoints,
+        conn: _Conn,
+        session: ServerSession,
+        request: _Request | None = None,
+    ) -> None:
         self._endpoints = endpoints
         self._conn = conn
         self._session = session
+        self._request = _Request() if request is None else request
+
+    @property
+    def query(self) -> Mapping[str, str]:
+        """The upgrade request's query parameters, read-only (``client_id``, ``version`` and
+        ``role`` included); for a repeated name the first value, as the protocol's checks."""
+        return self._request.query
+
+    @property
+    def headers(self) -> RequestHeaders:
+        """The upgrade request's headers, read-only and case-insensitive (``Authorization``,
+        ``Cookie``, ``Origin``, ...)."""
+        return self._request.headers
+
+    @property
+    def subprotocol(self) -> str | None:
+        """The subprotocol negotiated for this connection (the server's ``subprotocols`` in
+        its order of preference, the first the client offered), or None."""
+        return self._request.subprotocol
+
+    @property
+    def identity(self) -> object:
+        """What the server's ``authenticate`` hook returned for this connection (the user, its
+        claims, ...); None without a hook."""
+        return self._request.identity
 
     @property
     def client_id(self) -> str:
@@ -790,6 +933,7 @@ class EndpointOptions(TypedDict, total=False):
     max_outbox_bytes: int | None
     delivery: DeliveryConfig | None
     broker: Broker | None
+    subprotocols: Sequence[str] | None
     gc_policy: GcPolicy | None
     environ: Mapping[str, str] | None
     default_handler: MessageHandler
@@ -834,6 +978,9 @@ class Endpoints:
         broker: how pushes reach the clients of other processes, and where presence lives
             (:mod:`steadysocket.runtime.broker`; a ``MemoryBroker``, this process only, when
             None). ``broadcast``, ``send_to`` and :meth:`publish` go through it.
+        subprotocols: the subprotocols this server speaks, in its order of preference; a
+            connection gets the first one its client offered (``client.subprotocol``), or none
+            (never a refusal: an :meth:`authenticate` hook may refuse a client without one).
         environ: where to read the variables (``os.environ`` by default).
         default_handler: handler for types with no :meth:`on_message` registration;
             :func:`echo_handler` by default.
@@ -859,6 +1006,7 @@ class Endpoints:
         max_outbox_bytes: int | None = None,
         delivery: DeliveryConfig | None = None,
         broker: Broker | None = None,
+        subprotocols: Sequence[str] | None = None,
         gc_policy: GcPolicy | None = DEFAULT_GC_POLICY,
         environ: Mapping[str, str] | None = None,
         default_handler: MessageHandler = echo_handler,
@@ -896,6 +1044,13 @@ class Endpoints:
         self._handlers: dict[str, MessageHandler] = {}
         self._connect_hooks: list[ConnectHook] = []
         self._disconnect_hooks: list[DisconnectHook] = []
+        self._authenticate: AuthenticateHook | None = None
+        if isinstance(subprotocols, str) or not all(
+            isinstance(name, str) and name for name in subprotocols or ()
+        ):
+            raise ValueError(f"subprotocols: give a list of non-empty names, got {subprotocols!r}")
+        self.subprotocols: tuple[str, ...] = tuple(subprotocols or ())
+        """The subprotocols this server speaks, in its order of preference (none by default)."""
         self._clients: dict[str, set[Client]] = {}
         self._conns: set[_Conn] = set()
         self._stopping = False
@@ -967,6 +1122,29 @@ class Endpoints:
         ``client.close_code`` tells how it ended (see :attr:`Client.close_code`).
         """
         self._disconnect_hooks.append(hook)
+        return hook
+
+    def authenticate(self, hook: _A) -> _A:
+        """Register the hook that admits each ``/ws/client`` connection; a decorator.
+
+        ``async def authenticate(client)`` runs after the query checks and **before the hello**,
+        with the :class:`Client` (``client.query``, ``client.headers``,
+        ``client.subprotocol``, ``client_id``, ``role``, ``version``). What it returns becomes
+        ``client.identity``. To refuse, raise :class:`AuthenticationFailed` (close **4403**:
+        the client goes to fallback at once) or :class:`TokenExpired` (close **4419**: the
+        client retries with a fresh token from its ``auth`` callable), with a reason. A hook
+        that raises anything else, or runs past the connection timeout, closes with **4500**
+        ``Server handshake error`` (retryable) and is logged. A refused connection never
+        reaches ``on_connect``, the handlers or ``on_disconnect``.
+
+        Raises:
+            RuntimeError: a hook is already registered (there is one).
+        """
+        if self._authenticate is not None:
+            raise RuntimeError(
+                f"an authenticate hook is already registered: {self._authenticate!r}"
+            )
+        self._authenticate = hook
         return hook
 
     # ---- admission ----------------------------------------------------------------------
@@ -1524,14 +1702,25 @@ class Endpoints:
 
     # ---- the pump -------------------------------------------------------------------------
 
-    async def serve_client(self, link: Link, query: str) -> None:
+    async def serve_client(
+        self,
+        link: Link,
+        query: str,
+        *,
+        headers: Iterable[tuple[str, str]] = _NO_PAIRS,
+        subprotocol: str | None = None,
+    ) -> None:
         """Run one accepted ``/ws/client`` connection until it ends.
 
-        Sends the hello or the refusal, then runs the reader, the writer and the handlers, with
-        the hooks around them. ``query`` is the raw query string (``ClientRoute.query``).
+        Runs the :meth:`authenticate` hook (if any), sends the hello or the refusal, then runs
+        the reader, the writer and the handlers, with the hooks around them. ``query`` is the
+        raw query string (``ClientRoute.query``), ``headers`` the upgrade request's headers as
+        ``(name, value)`` pairs, ``subprotocol`` the one the adapter accepted
+        (:func:`~steadysocket.model.server_session.select_subprotocol`).
         """
         conn = _Conn(link, self.config, ServerSession(self.config))
-        await self._run_connection(conn, self._client_body(conn, query))
+        request = _Request(query, headers, subprotocol)
+        await self._run_connection(conn, self._client_body(conn, request))
 
     async def serve_legacy(self, link: Link, client_id: str) -> None:
         """Run one accepted legacy ``/ws/{client_id}`` connection until it ends."""
@@ -1586,19 +1775,53 @@ class Endpoints:
             conn.group = None
             conn.mark_ended()
 
-    async def _client_body(self, conn: _Conn, query: str) -> None:
+    async def _authenticated(
+        self, conn: _Conn, session: ServerSession, request: _Request
+    ) -> tuple[list[Action], Client | None]:
+        """The query checks, then the :meth:`authenticate` hook: ``([], client)`` when the hello
+        may follow, else the refusal (4400/4401/1008, 4403, 4419, or 4500) and None."""
+        hook = self._authenticate
+        assert hook is not None
+        refusal = session.check(request.raw_query)
+        if refusal:
+            return refusal, None
+        client = Client(self, conn, session, request)
+        try:
+            async with asyncio.timeout(self.config.connection_timeout):
+                request.identity = await hook(client)
+        except AuthenticationFailed as exc:
+            return session.refuse(exc.reason, expired=isinstance(exc, TokenExpired)), None
+        except TimeoutError:
+            logger.warning(
+                "authenticate hook %r did not return within %g s (client %s)",
+                hook,
+                self.config.connection_timeout,
+                client.client_id,
+            )
+            return session.fail_handshake(), None
+        except Exception:
+            logger.exception("authenticate hook %r failed (client %s)", hook, client.client_id)
+            return session.fail_handshake(), None
+        return [], client
+
+    async def _client_body(self, conn: _Conn, request: _Request) -> None:
         loop = asyncio.get_running_loop()
         session, link = conn.session, conn.link
         assert session is not None
+        client: Client | None = None
+        actions: list[Action] = []
+        if self._authenticate is not None:
+            actions, client = await self._authenticated(conn, session, request)
         try:
-            actions = session.open(
-                query,
-                now=loop.time(),
-                wall=self._wall_clock(),
-                request_id=self._request_id_factory(),
-                sessions=self.sessions,
-                new_session_id=_new_token(),
-            )
+            if not actions and session.state is SessionState.NEW:
+                actions = session.open(
+                    request.raw_query,
+                    now=loop.time(),
+                    wall=self._wall_clock(),
+                    request_id=self._request_id_factory(),
+                    sessions=self.sessions,
+                    new_session_id=_new_token(),
+                )
         except Exception:
             logger.exception("handshake with %s failed", link.remote_address)
             actions = session.fail_handshake()
@@ -1624,7 +1847,9 @@ class Endpoints:
                     )
             await self._run_body(conn, self._read_loop(conn))
             return
-        client = conn.client = Client(self, conn, session)
+        if client is None:
+            client = Client(self, conn, session, request)
+        conn.client = client
         self._clients.setdefault(session.client_id, set()).add(client)
         self.broker.clients_changed()
         self._arm_timer(conn)
@@ -1922,6 +2147,7 @@ class SteadyServer(Endpoints):
             max_size=self.config.max_message_bytes,
             create_connection=_tracking_connection_class(self._live, self._admitted),
             ssl=self._ssl,
+            select_subprotocol=self._select_subprotocol if self.subprotocols else None,
             reuse_port=self._reuse_port or None,
         )
         self._port = self._ws_server.sockets[0].getsockname()[1]
@@ -2027,6 +2253,13 @@ class SteadyServer(Endpoints):
         self._admitted.add(ws)
         return None
 
+    def _select_subprotocol(
+        self, ws: ServerConnection, offered: Sequence[Subprotocol]
+    ) -> Subprotocol | None:
+        """The model's choice, never websockets' HTTP 400 for a client that offers none."""
+        chosen = select_subprotocol(offered, self.subprotocols)
+        return None if chosen is None else Subprotocol(chosen)
+
     async def _handle(self, ws: ServerConnection) -> None:
         assert ws.request is not None  # the handshake succeeded
         assert isinstance(ws, _TrackedConnection)
@@ -2034,7 +2267,12 @@ class SteadyServer(Endpoints):
         link = _WebSocketsLink(ws)
         try:
             if isinstance(route, ClientRoute):
-                await self.serve_client(link, route.query)
+                await self.serve_client(
+                    link,
+                    route.query,
+                    headers=tuple(ws.request.headers.raw_items()),
+                    subprotocol=ws.subprotocol,
+                )
             elif isinstance(route, LegacyRoute):
                 # Protocol keepalive for this endpoint only: see the module docstring.
                 ws.ping_interval = self.config.heartbeat_interval
