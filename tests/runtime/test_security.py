@@ -1,6 +1,6 @@
 """Security basics over real sockets on 127.0.0.1: allowed origins (403), the connection cap
 (503), the per-connection rate limit (close 4429), and ``wss://`` with a certificate made at
-test time by the ``openssl`` command.
+test time by the ``openssl`` command (the fixtures in ``tests/runtime/conftest.py``).
 
 Each server starts on port 0 with an empty environment. Every wait is bounded by a multiple of
 ``MS``; no test asserts how long something took.
@@ -12,7 +12,6 @@ import asyncio
 import functools
 import json
 import ssl
-import subprocess
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -237,58 +236,13 @@ def test_a_rate_limited_manager_backs_off_and_reconnects() -> None:
 # ---- wss:// -----------------------------------------------------------------------------------
 
 
-def _openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def certificates(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A throwaway CA and a server certificate for 127.0.0.1 and localhost, made now."""
-    d = tmp_path_factory.mktemp("tls")
-    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
-    _openssl(
-        "req", "-x509", *ec, "-keyout", str(d / "ca.key"), "-out", str(d / "ca.pem"),
-        "-days", "2", "-subj", "/CN=steadysocket test CA",
-        "-addext", "basicConstraints=critical,CA:TRUE",
-        "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-    )  # fmt: skip
-    _openssl(
-        "req", "-new", *ec, "-keyout", str(d / "server.key"), "-out", str(d / "server.csr"),
-        "-subj", "/CN=127.0.0.1",
-    )  # fmt: skip
-    (d / "ext.cnf").write_text(
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
-        "basicConstraints=critical,CA:FALSE\n"
-        "keyUsage=critical,digitalSignature\n"
-        "extendedKeyUsage=serverAuth\n"
-        "subjectKeyIdentifier=hash\n"
-        "authorityKeyIdentifier=keyid,issuer\n"
-    )
-    _openssl(
-        "x509", "-req", "-in", str(d / "server.csr"), "-CA", str(d / "ca.pem"),
-        "-CAkey", str(d / "ca.key"), "-CAcreateserial", "-days", "2",
-        "-out", str(d / "server.pem"), "-extfile", str(d / "ext.cnf"),
-    )  # fmt: skip
-    return {"ca": d / "ca.pem", "cert": d / "server.pem", "key": d / "server.key"}
-
-
-def server_context(certificates: dict[str, Path]) -> ssl.SSLContext:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(certificates["cert"], certificates["key"])
-    return context
-
-
-def client_context(certificates: dict[str, Path]) -> ssl.SSLContext:
-    return ssl.create_default_context(cafile=str(certificates["ca"]))
-
-
 def test_wss_serves_the_protocol_to_a_client_that_trusts_the_certificate(
-    certificates: dict[str, Path],
+    server_context: ssl.SSLContext, client_context: ssl.SSLContext
 ) -> None:
     async def body() -> tuple[str, dict[str, Any], dict[str, Any]]:
         async with (
-            running(ssl=server_context(certificates)) as server,
-            dial(server.url, ssl=client_context(certificates)) as ws,
+            running(ssl=server_context) as server,
+            dial(server.url, ssl=client_context) as ws,
         ):
             hello = await recv_json(ws)
             await ws.send('{"type":"chat","text":"over tls"}')
@@ -300,10 +254,12 @@ def test_wss_serves_the_protocol_to_a_client_that_trusts_the_certificate(
     assert echo["original_message"]["text"] == "over tls"
 
 
-def test_a_manager_over_wss_opens_and_exchanges_messages(certificates: dict[str, Path]) -> None:
+def test_a_manager_over_wss_opens_and_exchanges_messages(
+    server_context: ssl.SSLContext, client_context: ssl.SSLContext
+) -> None:
     async def body() -> tuple[list[Phase], str]:
-        async with running(ssl=server_context(certificates)) as server:
-            opener = functools.partial(open_websocket, ssl=client_context(certificates))
+        async with running(ssl=server_context) as server:
+            opener = functools.partial(open_websocket, ssl=client_context)
             m, phases, _ = manager(server.url, opener=opener)
             received: list[dict[str, Any]] = []
             m.on_message(received.append)
@@ -320,10 +276,10 @@ def test_a_manager_over_wss_opens_and_exchanges_messages(certificates: dict[str,
 
 
 def test_an_untrusted_certificate_is_a_tls_failure_not_a_refused_connection(
-    certificates: dict[str, Path],
+    server_context: ssl.SSLContext,
 ) -> None:
     async def body() -> tuple[Phase, list[tuple[str, str]]]:
-        async with running(ssl=server_context(certificates)) as server:
+        async with running(ssl=server_context) as server:
             # Trusts only the system's CAs, not ours.
             opener = functools.partial(open_websocket, ssl=ssl.create_default_context())
             m, _, errors = manager(server.url, opener=opener)
@@ -353,7 +309,9 @@ def test_serve_command_rejects_bad_security_flags_with_exit_2(
     assert "cannot load the certificate" in err
 
 
-def test_serve_command_serves_wss_with_the_security_options(certificates: dict[str, Path]) -> None:
+def test_serve_command_serves_wss_with_the_security_options(
+    certificates: dict[str, Path], client_context: ssl.SSLContext
+) -> None:
     async def body() -> tuple[list[int], tuple[int, str]]:
         async with ServeProcess(
             "--certfile", str(certificates["cert"]), "--keyfile", str(certificates["key"]),
@@ -361,7 +319,7 @@ def test_serve_command_serves_wss_with_the_security_options(certificates: dict[s
             "--rate-limit", "3",
         ) as server:  # fmt: skip
             url = f"wss://127.0.0.1:{server.port}"
-            tls = client_context(certificates)
+            tls = client_context
             statuses = [await status_of(url, ssl=tls, origin="https://evil.example")]
             async with dial(url, ssl=tls, origin="https://ok.example") as ws:
                 await recv_json(ws)
