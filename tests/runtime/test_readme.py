@@ -124,6 +124,27 @@ def test_the_readme_testing_example_drops_the_link_and_its_test_passes() -> None
     tests[0]()  # type: ignore[operator]
 
 
+def _in_memory_example() -> str:
+    """The example of the testing section that uses the in-memory server."""
+    section = re.search(r"## Testing your application\n(.*?)\n## ", README.read_text(), re.S)
+    assert section is not None, "README has no section on testing your application"
+    blocks = re.findall(r"```python\n(.*?)```", section.group(1), re.S)
+    found = [block for block in blocks if "InMemoryServer" in block]
+    assert len(found) == 1, "README has no (or more than one) in-memory testing example"
+    return found[0]
+
+
+def test_the_readme_in_memory_example_drops_the_link_and_its_test_passes() -> None:
+    source = _in_memory_example()
+    assert "server.drop()" in source
+    assert "clock.advance(" in source
+    namespace: dict[str, object] = {"__name__": "readme_in_memory_example"}
+    exec(compile(source, "README.md", "exec"), namespace)
+    tests = [value for name, value in namespace.items() if name.startswith("test_")]
+    assert len(tests) == 1
+    tests[0]()  # type: ignore[operator]
+
+
 def test_every_relative_link_in_the_readme_points_to_a_file_in_the_repository() -> None:
     links = re.findall(r"\]\(([^)#]+)\)", README.read_text())
     relative = [link for link in links if "://" not in link]
