@@ -24,7 +24,9 @@ Invariants after every step: the runtime's phase, attempts, pending timers and t
 stats, uptime, fallback flags, phase history and every server-side record equal the model's;
 at most one connection is open or opening on the server; at most one timer of each kind is
 pending (core, manager tasks and clock agree); attempts never exceed ``max_attempts``; every
-retry delay lies within ``BackoffStrategy.calculate_jitter_bounds``; every ``send()`` returns
+retry delay lies within ``BackoffStrategy.calculate_jitter_bounds``, and every graceful
+reconnect's delay within its window (``graceful_jitter_ms``, drawn per run: 0 reconnects at
+once); every ``send()`` returns
 what the model predicts, and every one that returned True was delivered exactly once, in
 order, or handed back, or is still queued; ``on_error`` heard of every failure, with its kind.
 After ``disconnect()`` (a rule, and the teardown) no task of the manager is left and every
@@ -97,6 +99,8 @@ PROBE_MS = 7770.0
 BASE_DELAYS_MS = (500.0, 1000.0, 2000.0)
 CAP_MS = 2000.0
 JITTER = 0.3
+GRACEFUL_JITTER_MS = (700.0, 0.0)
+"""Drawn per run: a graceful 1001 waits a delay drawn within 700 ms, or reconnects at once."""
 STEP_TIMEOUT_S = 10.0
 """Real seconds any one step may take before it counts as a hang."""
 
@@ -207,6 +211,7 @@ class Params:
     queue_limit: int
     seed: int
     stable_after_ms: float
+    graceful_jitter_ms: float
 
     def backoff(self) -> BackoffStrategy:
         return BackoffStrategy(
@@ -228,6 +233,7 @@ class ClientModel:
             connection_timeout_ms=CONNECT_TIMEOUT_MS,
             stable_after_ms=params.stable_after_ms,
             fallback_probe_interval_ms=PROBE_MS if params.probe else None,
+            graceful_jitter_ms=params.graceful_jitter_ms,
         )
         self.script = script
         self.now = now
@@ -261,6 +267,7 @@ class ClientModel:
         self.phase_history: list[Phase] = []
         self.transitions: list[tuple[Phase, str, Phase]] = []
         self.retry_delays: list[float] = []
+        self.graceful_delays: list[float] = []
         self.backoff_steps = 0
         self.bad_delays: list[str] = []
 
@@ -298,6 +305,8 @@ class ClientModel:
                 self.start_timer(timer, delay)
                 if timer is Timer.RETRY:
                     self.note_retry(delay)
+                elif timer is Timer.GRACEFUL:
+                    self.note_graceful(delay)
             case CancelTimer(timer=timer):
                 self.timers.pop(timer, None)
             case SendPing():
@@ -330,6 +339,14 @@ class ClientModel:
             self.bad_delays.append(
                 f"retry delay {delay_ms} outside [{low}, {high}] for step {index}"
             )
+
+    def note_graceful(self, delay_ms: float) -> None:
+        self.graceful_delays.append(delay_ms)
+        # Independent of the lifecycle: a graceful delay exists only with a window, lies
+        # within it, and takes no backoff step (backoff_steps is left alone).
+        window = self.params.graceful_jitter_ms
+        if not 0 <= delay_ms <= window or window == 0:
+            self.bad_delays.append(f"graceful delay {delay_ms} outside [0, {window}]")
 
     # -- the socket ------------------------------------------------------------------------
 
@@ -596,6 +613,8 @@ class ClientModel:
                 self.fire("attempt_failed", retryable=True)
             case Timer.RETRY:
                 self.fire("retry_due")
+            case Timer.GRACEFUL:
+                self.fire("reconnect_due")
             case Timer.PROBE:
                 self.fire("probe_due")
             case Timer.STABLE:
@@ -656,6 +675,7 @@ class ClientModel:
             "errors": list(self.errors),
             # In seconds, as the runtime hands them to sleep().
             "retry delays": [delay / 1000.0 for delay in self.retry_delays],
+            "graceful delays": [delay / 1000.0 for delay in self.graceful_delays],
         }
 
 
@@ -743,6 +763,9 @@ class ManagerMachine(RuleBasedStateMachine):
             "retry delays": [
                 r.delay for r in self.clock.history if r.owner == "steadysocket-timer-retry"
             ],
+            "graceful delays": [
+                r.delay for r in self.clock.history if r.owner == "steadysocket-timer-graceful"
+            ],
         }
 
     def _kinds(self, record: ConnectionRecord) -> list[str]:
@@ -820,12 +843,20 @@ class ManagerMachine(RuleBasedStateMachine):
         queue_limit=st.sampled_from([1, 3]),
         seed=st.integers(0, 2**32 - 1),
         stable_after_ms=st.sampled_from(STABLE_AFTER_MS),
+        graceful_jitter_ms=st.sampled_from(GRACEFUL_JITTER_MS),
     )
     def start(
-        self, max_attempts: int, probe: bool, queue_limit: int, seed: int, stable_after_ms: float
+        self,
+        max_attempts: int,
+        probe: bool,
+        queue_limit: int,
+        seed: int,
+        stable_after_ms: float,
+        graceful_jitter_ms: float,
     ) -> None:
-        params = Params(max_attempts, probe, queue_limit, seed, stable_after_ms)
+        params = Params(max_attempts, probe, queue_limit, seed, stable_after_ms, graceful_jitter_ms)
         note(f"{self.label}: {params}")
+        event(f"graceful window {params.graceful_jitter_ms:g} ms")
         self.server = self.make_server()
         if isinstance(self.server, LoopbackServer):
             self.run(self.server.start())
@@ -838,6 +869,7 @@ class ManagerMachine(RuleBasedStateMachine):
             fallback_probe_interval_ms=PROBE_MS if probe else None,
             send_queue_limit=queue_limit,
             stable_after_ms=params.stable_after_ms,
+            graceful_jitter_ms=params.graceful_jitter_ms,
             clock=self.clock,
             sleep=self.clock.sleep,
             opener=opener,
@@ -1008,6 +1040,20 @@ class ManagerMachine(RuleBasedStateMachine):
         self.run(act())
 
     @rule()
+    def server_goes_away_gracefully(self) -> None:
+        """The server closes with 1001 (graceful, if its hello advertised graceful_reconnect),
+        then time passes to the graceful delay's end if one was drawn: so that the delayed
+        attempt (reconnecting --reconnect_due-->) is drawn often enough."""
+        if self.model.open_conn() is None:
+            note("(no connection for the server to close gracefully)")
+            return
+        self.server_closes(1001)
+        due = self.model.next_due()
+        if due is not None and due[2] == f"steadysocket-timer-{Timer.GRACEFUL}":
+            note("time passes to the end of the graceful delay")
+            self.run(self._advance(due[0]))
+
+    @rule()
     def server_drops(self) -> None:
         if self.model.open_conn() is None:
             note("(no connection for the server to drop)")
@@ -1114,7 +1160,7 @@ class ManagerMachine(RuleBasedStateMachine):
             assert 0 <= self.m._core.lifecycle.attempts <= self.model.params.max_attempts
 
     @invariant()
-    def every_retry_delay_lies_within_its_jitter_bounds(self) -> None:
+    def every_retry_and_graceful_delay_lies_within_its_bounds(self) -> None:
         if self.manager is not None:
             assert self.model.bad_delays == []
 
