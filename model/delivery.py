@@ -144,10 +144,8 @@ def check_application_message(message: Mapping[str, Any]) -> None:
     """
     if "id" not in message and "offset" not in message:  # the common case, two lookups
         return
-    clash = RESERVED_FIELDS.intersection(message)
-    if clash:
-        names = ", ".join(sorted(clash))
-        raise ValueError(f"protocol v2 numbers messages itself: remove the field(s) {names}")
+    names = ", ".join(sorted(RESERVED_FIELDS.intersection(message)))
+    raise ValueError(f"protocol v2 numbers messages itself: remove the field(s) {names}")
 
 
 def number(text: str, name: str, value: int) -> str:
@@ -430,12 +428,38 @@ class Opened:
 
 @dataclass(slots=True)
 class SessionStore:
-    """The v2 sessions of one server process, under one ``epoch``."""
+    """The v2 sessions of one server process, under one ``epoch``.
+
+    Indexed so that a connection, a ``send_to`` and an expiry cost the same with ten sessions
+    or ten thousand: by client id (one session per client id), and the disconnected sessions
+    in the order they disconnected (``now_ms`` is a monotonic clock, so the oldest is first).
+    ``sessions`` stays the record; the indexes are rebuilt when it was replaced.
+    """
 
     epoch: str
     config: DeliveryConfig = field(default_factory=DeliveryConfig)
     sessions: dict[str, ServerSession] = field(default_factory=dict)
     session_class: ClassVar[type[ServerSession]] = ServerSession
+    _by_client: dict[str, ServerSession] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+    _idle: dict[str, ServerSession] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+    _indexed: dict[str, ServerSession] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
+
+    def _index(self) -> None:
+        """Rebuild the indexes if ``sessions`` was replaced (a copy of the store) or resized
+        behind the store's back."""
+        if self._indexed is self.sessions and len(self._by_client) == len(self.sessions):
+            return
+        self._by_client = {s.client_id: s for s in self.sessions.values()}
+        idle = [s for s in self.sessions.values() if s.disconnected_at is not None]
+        idle.sort(key=lambda s: s.disconnected_at or 0.0)
+        self._idle = {s.session_id: s for s in idle}
+        self._indexed = self.sessions
 
     def open(
         self,
@@ -454,14 +478,21 @@ class SessionStore:
             session = self.sessions[resume["session_id"]]
             offset = int(resume["offset"])
             session.connected, session.disconnected_at = True, None
+            self._idle.pop(session.session_id, None)
             return Opened(session, outcome, tuple(session.replay(offset)))
         # One session per client id: a fresh one supersedes the client's older sessions (the
         # client cannot resume them any more, so their histories would never be delivered).
         for old in self.of_client(client_id):
-            del self.sessions[old.session_id]
+            self._drop(old)
         session = self.session_class(new_session_id, client_id, role, self.config, connected=True)
         self.sessions[new_session_id] = session
+        self._by_client[client_id] = session
         return Opened(session, outcome, ())
+
+    def _drop(self, session: ServerSession) -> None:
+        del self.sessions[session.session_id]
+        self._idle.pop(session.session_id, None)
+        self._by_client.pop(session.client_id, None)  # one session per client id
 
     def _check(self, client_id: str, role: str, resume: Mapping[str, str]) -> ResumeOutcome:
         session_id = resume.get("session_id")
@@ -483,30 +514,40 @@ class SessionStore:
 
     def disconnected(self, session: ServerSession, now_ms: float) -> None:
         """The session's connection ended: it stays resumable for the window."""
+        self._index()
         session.connected = False
         session.disconnected_at = now_ms
+        if self.sessions.get(session.session_id) is session:
+            self._idle.pop(session.session_id, None)
+            self._idle[session.session_id] = session  # the newest disconnect goes last
 
     def expire(self, now_ms: float) -> list[ServerSession]:
-        """Drop the sessions disconnected for longer than the window."""
-        gone = [
-            s
-            for s in self.sessions.values()
-            if s.disconnected_at is not None and now_ms - s.disconnected_at > self.config.window_ms
-        ]
+        """Drop the sessions disconnected for longer than the window (the oldest first)."""
+        self._index()
+        gone: list[ServerSession] = []
+        for session in list(self._idle.values()):
+            at = session.disconnected_at
+            if at is None:  # connected again since
+                del self._idle[session.session_id]
+                continue
+            if now_ms - at <= self.config.window_ms:
+                break
+            gone.append(session)
         for session in gone:
-            del self.sessions[session.session_id]
+            self._drop(session)
         return gone
 
     def of_client(self, client_id: str) -> list[ServerSession]:
-        """The live or resumable sessions of ``client_id``."""
-        return [s for s in self.sessions.values() if s.client_id == client_id]
+        """The live or resumable session of ``client_id`` (a list: none or one)."""
+        self._index()
+        session = self._by_client.get(client_id)
+        return [] if session is None else [session]
 
     def next_expiry(self) -> float | None:
         """When :meth:`expire` next has a session to drop (``now_ms`` timescale): the earliest
         ``disconnected_at + window_ms`` of a disconnected session; None while none is."""
-        due = [
-            s.disconnected_at + self.config.window_ms
-            for s in self.sessions.values()
-            if s.disconnected_at is not None
-        ]
-        return min(due, default=None)
+        self._index()
+        for session in self._idle.values():
+            if session.disconnected_at is not None:
+                return session.disconnected_at + self.config.window_ms
+        return None

@@ -396,3 +396,38 @@ def test_acking_everything_written_leaves_nothing_counted_as_written() -> None:
     list(client.to_write())
     client.acked(2)
     assert client.written == 0
+
+
+def test_the_store_expires_the_oldest_disconnects_first_and_finds_a_client_at_once() -> None:
+    st = store(window_ms=1_000)
+    sessions = [st.open(f"c{n}", "frontend", {}, 0.0, f"s{n}").session for n in range(4)]
+    for n, session in enumerate(sessions[:3]):
+        st.disconnected(session, 100.0 * n)  # c0 at 0, c1 at 100, c2 at 200
+    assert st.next_expiry() == 1_000.0
+    assert st.of_client("c1") == [sessions[1]]
+    assert st.of_client("nobody") == []
+    # c0 comes back: it leaves the queue of disconnected sessions.
+    st.open("c0", "frontend", {"session_id": "s0", "epoch": "e1", "offset": "0"}, 500.0, "x")
+    assert st.next_expiry() == 1_100.0
+    assert [s.session_id for s in st.expire(1_150.0)] == ["s1"]
+    assert [s.session_id for s in st.expire(5_000.0)] == ["s2"]  # every disconnected one
+    assert st.next_expiry() is None
+    assert sorted(st.sessions) == ["s0", "s3"]
+    # A session the store no longer holds (superseded) is not queued for expiry.
+    st.open("c3", "frontend", {}, 5_000.0, "s3b")
+    st.disconnected(sessions[3], 5_000.0)
+    assert st.next_expiry() is None
+
+
+def test_the_store_rebuilds_its_indexes_when_its_sessions_are_replaced() -> None:
+    st = store(window_ms=1_000)
+    first = st.open("c1", "frontend", {}, 0.0, "s1").session
+    st.disconnected(first, 10.0)
+    twin = store(window_ms=1_000)
+    twin.sessions = dict(st.sessions)  # as the explorer copies a world
+    assert twin.of_client("c1") == [first]
+    assert twin.next_expiry() == 1_010.0
+    # A session marked connected behind the store's back is skipped, then forgotten.
+    first.disconnected_at = None
+    assert twin.next_expiry() is None
+    assert twin.expire(10_000.0) == []
