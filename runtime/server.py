@@ -1580,15 +1580,18 @@ class Endpoints:
             result = await handler(action.message, client)
         except Exception as exc:
             logger.exception("handler for %r failed (client %s)", action.type, client.client_id)
-            reply = session.reply_error(action, _describe_exception(exc), wall=self._wall_clock())
+            wall = self._wall_clock()
+            reply = session.reply_error(action, _describe_exception(exc), wall=wall)
         except BaseException:
             if live is not None:  # cancelled before it returned: not handled
                 session.interrupted(action)
                 live.idle.set()
             raise
         else:
+            # One reading of the clock for what follows the handler (its reply and its ack).
+            wall = self._wall_clock()
             try:
-                reply = session.reply(action, result, wall=self._wall_clock())
+                reply = session.reply(action, result, wall=wall)
             except (TypeError, ValueError) as exc:
                 logger.error(
                     "handler for %r returned a value JSON cannot encode (client %s): %s",
@@ -1597,11 +1600,11 @@ class Endpoints:
                     _describe_exception(exc),
                 )
                 problem = f"the handler's result is not JSON: {_describe_exception(exc)}"
-                reply = session.reply_error(action, problem, wall=self._wall_clock())
+                reply = session.reply_error(action, problem, wall=wall)
         if reply is not None:
             self._send_app(conn, reply)
         if live is not None:
-            ack = session.handled(action, wall=self._wall_clock())
+            ack = session.handled(action, wall=wall)
             if ack is not None:
                 self._send_control(live, ack.text)
             elif session.ack_timer_wanted:
