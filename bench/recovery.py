@@ -15,14 +15,17 @@ is one clock for the whole machine.
   connection up (``peer_dead``), against the server's heartbeat interval.
 - **Restart storm**: many clients on one server; the server process is killed (SIGKILL: no
   close frame) or shut down gracefully (1001), and a new one listens on the same port after a
-  fixed downtime. With ±20 % jitter and with jitter 0 (same delays), attempts are counted per
-  100 ms in two views. *Observed*: every attempt as the load generator started it (a recording
-  ``opener``). All clients share one Python process and one core there, so that process's own
-  CPU smears every burst: it cannot notice 1,000 closed sockets, or start 1,000 handshakes, in
-  the same 100 ms. *Fleet*: what separate clients would do, all noticing the outage at the same
-  instant: each client's immediate attempt, if it made one, at 0, and its first retry at the
-  delay its own backoff drew (recorded through the manager's ``sleep``). The goal is judged on
-  the fleet view, the delays the runtime really drew; the observed view is shown beside it.
+  fixed downtime. With jitter (±20 % on the backoff, and a graceful reconnect's delay drawn
+  within ``graceful_jitter_ms`` = 1000 ms) and with jitter 0 (same backoff delays, a graceful
+  reconnect at once), attempts are counted per 100 ms in two views. *Observed*: every attempt
+  as the load generator started it (a recording ``opener``). All clients share one Python
+  process and one core there, so that process's own CPU smears every burst: it cannot notice
+  1,000 closed sockets, or start 1,000 handshakes, in the same 100 ms. *Fleet*: what separate
+  clients would do, all noticing the outage at the same instant: each client's graceful
+  reconnect at the delay its lifecycle drew (at 0 without a window), and its first retry that
+  much later plus the delay its own backoff drew (both recorded through the manager's
+  ``sleep``). The goal is judged on the fleet view, the delays the runtime really drew, every
+  attempt counted (the graceful reconnect included); the observed view is shown beside it.
 """
 
 from __future__ import annotations
@@ -63,6 +66,9 @@ HALF_OPEN_HEARTBEAT_MS = 1000
 DOWNTIME_S = 0.5
 BUCKET_S = 0.1
 RETRY_TASK = "steadysocket-timer-retry"
+GRACEFUL_TASK = "steadysocket-timer-graceful"
+GRACEFUL_JITTER_MS = 1000.0
+"""The window a graceful reconnect's delay is drawn from in the storm's jittered runs."""
 
 
 # -- servers --------------------------------------------------------------------------------
@@ -232,6 +238,7 @@ def _storm_client_main(
     async def main() -> None:
         attempts: list[list[float]] = [[] for _ in range(count)]
         retries: list[list[tuple[float, float]]] = [[] for _ in range(count)]
+        graceful: list[list[tuple[float, float]]] = [[] for _ in range(count)]
 
         def recording(i: int) -> tuple[Opener, Sleep]:
             async def opener(url: str) -> Transport:
@@ -240,10 +247,14 @@ def _storm_client_main(
 
             async def sleep(delay: float) -> None:
                 # The manager names each timer's task after its timer (the stateful tests
-                # rely on it too): record when each retry was armed and for how long.
+                # rely on it too): record when each retry, and each graceful reconnect's
+                # delay, was armed and for how long.
                 task = asyncio.current_task()
-                if task is not None and task.get_name() == RETRY_TASK:
+                name = task.get_name() if task is not None else ""
+                if name == RETRY_TASK:
                     retries[i].append((time.monotonic(), delay))
+                elif name == GRACEFUL_TASK:
+                    graceful[i].append((time.monotonic(), delay))
                 await asyncio.sleep(delay)
 
             return opener, sleep
@@ -262,6 +273,7 @@ def _storm_client_main(
                     backoff_strategy=backoff,
                     opener=opener,
                     sleep=sleep,
+                    graceful_jitter_ms=GRACEFUL_JITTER_MS if jitter else 0.0,
                     environ={},
                 )
             )
@@ -288,23 +300,30 @@ def _storm_client_main(
                 done = time.monotonic()
                 observed: list[float] = []
                 fleet: list[float] = []
-                for mine, armed in zip(attempts, retries, strict=True):
+                for mine, armed, spread in zip(attempts, retries, graceful, strict=True):
                     after = [t - since for t in mine if t >= since]
                     observed += after
                     first_retry = next(((t, d) for t, d in armed if t >= since), None)
+                    delayed = next((d for t, d in spread if t >= since), None)
                     # As a fleet of separate clients would dial: all notice the outage at
-                    # once; an immediate attempt (one made before any retry was armed) at 0,
-                    # then the first retry after the delay its own backoff drew.
+                    # once; the graceful reconnect at the delay the lifecycle drew, or an
+                    # immediate attempt (one made before any retry was armed) at 0; then the
+                    # first retry that much later, after the delay its own backoff drew.
                     retry_at = math.inf if first_retry is None else first_retry[0] - since
-                    if any(t < retry_at for t in after):
+                    offset = 0.0
+                    if delayed is not None:
+                        offset = delayed
+                        fleet.append(delayed)
+                    elif any(t < retry_at for t in after):
                         fleet.append(0.0)
                     if first_retry is not None:
-                        fleet.append(first_retry[1])
+                        fleet.append(offset + first_retry[1])
                 inbox.reply(
                     {
                         "attempts": observed,
                         "fleet": fleet,
                         "retried": sum(1 for r in retries if any(t >= since for t, _ in r)),
+                        "delayed": sum(1 for g in graceful if any(t >= since for t, _ in g)),
                         "reopened": reopened,
                         "all_open_after": done - since,
                         "phases": dict(Counter(str(m.phase) for m in managers)),
@@ -354,7 +373,9 @@ def _histogram(attempts: list[float], until: float) -> list[int]:
     return buckets
 
 
-def _render_storm(title: str, on: dict[str, Any], off: dict[str, Any], count: int) -> str:
+def _render_storm(
+    title: str, on: dict[str, Any], off: dict[str, Any], count: int, graceful: bool
+) -> str:
     views = [
         ("fleet", "the delays drawn, as separate clients would dial"),
         ("attempts", "attempts observed in the one load-generating process"),
@@ -362,7 +383,13 @@ def _render_storm(title: str, on: dict[str, Any], off: dict[str, Any], count: in
     out = [
         f"**{title}**: attempts per 100 ms after the server went down ({count:,} clients; "
         f"down {DOWNTIME_S:g} s plus the new process's start). Left: {views[0][1]}. "
-        f"Right: {views[1][1]}.",
+        f"Right: {views[1][1]}."
+        + (
+            f" With jitter, the graceful reconnect waits a delay drawn within "
+            f"{GRACEFUL_JITTER_MS:g} ms (`graceful_jitter_ms`); with jitter 0 it dials at once."
+            if graceful
+            else ""
+        ),
         "",
         "```",
         f"{'':>6}  {'fleet view':^27}  {'observed':^27}",
@@ -383,11 +410,8 @@ def _bar(n: int, count: int) -> str:
     return "#" * max(1, round(n / max(count, 1) * 7))
 
 
-def _peak(attempts: list[float], skip_first: bool) -> int:
-    h = _histogram(attempts, max(attempts, default=0.0) + BUCKET_S)
-    if skip_first:
-        h = h[1:]
-    return max(h, default=0)
+def _peak(attempts: list[float]) -> int:
+    return max(_histogram(attempts, max(attempts, default=0.0) + BUCKET_S), default=0)
 
 
 # -- the benchmark --------------------------------------------------------------------------
@@ -447,15 +471,23 @@ def run(sizes: Sizes) -> Section:
         for run_ in (on, off):
             if run_["retried"] == 0:
                 raise BenchError(f"no retry timer recorded (task {RETRY_TASK!r} renamed?)")
+        if not crash and on["delayed"] == 0:
+            raise BenchError(f"no graceful delay recorded (task {GRACEFUL_TASK!r} renamed?)")
         kind = "crash (SIGKILL, no close frame)" if crash else "graceful shutdown (1001)"
-        skip = not crash  # the immediate graceful reconnect, which no jitter applies to
-        fleet_on, fleet_off = _peak(on["fleet"], skip), _peak(off["fleet"], skip)
-        seen_on, seen_off = _peak(on["attempts"], False), _peak(off["attempts"], False)
-        after = "" if crash else ", after the immediate reconnect"
+        # Every attempt counts, the graceful reconnect included: with jitter it waits a
+        # delay drawn within the window; with jitter 0 it dials at once.
+        fleet_on, fleet_off = _peak(on["fleet"]), _peak(off["fleet"])
+        seen_on, seen_off = _peak(on["attempts"]), _peak(off["attempts"])
+        what = "retries" if crash else "attempts (the graceful reconnect and retries)"
+        jittered = (
+            "jitter ±20 %"
+            if crash
+            else f"jitter ±20 % and graceful_jitter_ms={GRACEFUL_JITTER_MS:g}"
+        )
         section.rows += [
             Row(
-                f"storm, {kind}: peak retries per 100 ms{after}, fleet view",
-                f"{fleet_on:,} with jitter ±20 %",
+                f"storm, {kind}: peak {what} per 100 ms, fleet view",
+                f"{fleet_on:,} with {jittered}",
                 f"{fleet_off:,} with jitter 0",
                 ratio(fleet_on, fleet_off),
                 "peak visibly spread (≤ 0.5x jitter 0)",
@@ -475,11 +507,14 @@ def run(sizes: Sizes) -> Section:
         if not crash:
             section.rows.append(
                 Row(
-                    f"storm, {kind}: immediate (unjittered) reconnects, fleet view",
-                    f"{sum(1 for t in on['fleet'] if t == 0.0):,} at t = 0 with jitter",
+                    f"storm, {kind}: graceful reconnects at t = 0 (not delayed), fleet view",
+                    f"{sum(1 for t in on['fleet'] if t == 0.0):,} at t = 0 with jitter "
+                    f"({on['delayed']:,} delayed)",
                     f"{sum(1 for t in off['fleet'] if t == 0.0):,} at t = 0 with jitter 0",
                 )
             )
-        section.blocks.append(_render_storm(f"Restart storm, {kind}", on, off, count))
+        section.blocks.append(
+            _render_storm(f"Restart storm, {kind}", on, off, count, graceful=not crash)
+        )
     section.seconds = time.monotonic() - started
     return section
