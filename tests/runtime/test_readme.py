@@ -128,7 +128,7 @@ def _in_memory_example() -> str:
     """The example of the testing section that uses the in-memory server."""
     section = re.search(r"## Testing your application\n(.*?)\n## ", README.read_text(), re.S)
     assert section is not None, "README has no section on testing your application"
-    blocks = re.findall(r"```python\n(.*?)```", section.group(1), re.S)
+    blocks: list[str] = re.findall(r"```python\n(.*?)```", section.group(1), re.S)
     found = [block for block in blocks if "InMemoryServer" in block]
     assert len(found) == 1, "README has no (or more than one) in-memory testing example"
     return found[0]
