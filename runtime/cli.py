@@ -82,16 +82,158 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     elif args.keyfile is not None:
         sys.stderr.write("steadysocket: --keyfile needs --certfile\n")
         return 2
+    if args.workers < 1:
+        sys.stderr.write(f"steadysocket: --workers must be at least 1, got {args.workers}\n")
+        return 2
+    if args.workers > 1 and args.redis is None:
+        sys.stderr.write(
+            f"steadysocket: --workers {args.workers} needs --redis URL: without a shared broker "
+            "each worker would keep its own rooms, presence and broadcasts, and they would "
+            "silently split\n"
+        )
+        return 2
+    if args.redis is not None:
+        try:
+            import redis  # noqa: F401
+        except ImportError:
+            sys.stderr.write(
+                "steadysocket: --redis needs the redis extra: pip install 'steadysocket[redis]'\n"
+            )
+            return 2
+    if args.workers > 1:
+        return _serve_workers(args, config, gc_policy)
+    broker = None
+    if args.redis is not None:
+        from steadysocket.runtime.redis_broker import RedisBroker
+
+        broker = RedisBroker(args.redis)
     try:
         asyncio.run(
             server.serve_until_signalled(
-                args.host, args.port, config, ssl=context, gc_policy=gc_policy
+                args.host, args.port, config, ssl=context, gc_policy=gc_policy, broker=broker
             )
         )
     except OSError as exc:
         sys.stderr.write(f"steadysocket: cannot serve on {args.host}:{args.port}: {exc.strerror}\n")
         return 1
     return 0
+
+
+def _worker(
+    index: int, args: argparse.Namespace, port: int, config: object, gc_policy: object
+) -> None:
+    """One worker process of ``serve --workers N``: a SteadyServer on a RedisBroker, bound
+    with SO_REUSEPORT to the port its siblings share."""
+    import signal as signals
+    import ssl
+
+    from steadysocket.model.server_session import GcPolicy, ServerConfig
+    from steadysocket.runtime import server
+    from steadysocket.runtime.redis_broker import RedisBroker
+
+    assert isinstance(config, ServerConfig)
+    assert gc_policy is None or isinstance(gc_policy, GcPolicy)
+    # The parent forwards SIGINT and SIGTERM; a terminal's Ctrl-C reaches every worker too.
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING,
+        format=f"%(asctime)s %(levelname)s [worker {index} %(process)d] %(name)s: %(message)s",
+    )
+    logging.getLogger(server.__name__).setLevel(logging.DEBUG if args.debug else logging.INFO)
+    signals.signal(signals.SIGINT, signals.SIG_IGN)  # until the server installs its handlers
+    context = None
+    if args.certfile is not None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(args.certfile, args.keyfile)
+    try:
+        asyncio.run(
+            server.serve_until_signalled(
+                args.host,
+                port,
+                config,
+                ssl=context,
+                gc_policy=gc_policy,
+                broker=RedisBroker(args.redis),
+                reuse_port=True,
+            )
+        )
+    except OSError as exc:
+        sys.stderr.write(
+            f"steadysocket: worker {index} cannot serve on {args.host}:{port}: {exc}\n"
+        )
+        sys.exit(1)
+
+
+def _serve_workers(args: argparse.Namespace, config: object, gc_policy: object) -> int:
+    """``serve --workers N``: N processes on one port (SO_REUSEPORT), one Redis between them.
+
+    The parent binds the port first (with SO_REUSEPORT, never listening: port 0 picks one for
+    all), starts the workers, forwards SIGTERM and SIGINT to them and waits; it exits 0 when
+    every worker did. A worker that dies is reported and not replaced (its clients reconnect
+    to the others).
+    """
+    import multiprocessing
+    import signal as signals
+    import socket
+
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    reservation = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        reservation.bind((args.host, args.port))
+    except OSError as exc:
+        reservation.close()
+        sys.stderr.write(f"steadysocket: cannot serve on {args.host}:{args.port}: {exc.strerror}\n")
+        return 1
+    port = reservation.getsockname()[1]
+    context = multiprocessing.get_context("spawn")
+    workers = [
+        context.Process(
+            target=_worker,
+            args=(index, args, port, config, gc_policy),
+            name=f"steadysocket-worker-{index}",
+        )
+        for index in range(1, args.workers + 1)
+    ]
+    received: list[int] = []
+
+    def forward(signum: int, _frame: object) -> None:
+        received.append(signum)
+        for worker in workers:
+            if worker.pid is not None and worker.exitcode is None:
+                os.kill(worker.pid, signum)
+
+    previous = {sig: signals.signal(sig, forward) for sig in (signals.SIGTERM, signals.SIGINT)}
+    try:
+        for worker in workers:
+            worker.start()
+        sys.stderr.write(
+            f"steadysocket: {args.workers} workers on {args.host}:{port}, "
+            f"broker {_redacted(args.redis)}\n"
+        )
+        sys.stderr.flush()
+        failed = 0
+        for worker in workers:
+            worker.join()
+            if worker.exitcode != 0:
+                failed += 1
+                if not received:
+                    sys.stderr.write(
+                        f"steadysocket: {worker.name} (pid {worker.pid}) exited with "
+                        f"{worker.exitcode}; the other workers go on\n"
+                    )
+    finally:
+        for sig, handler in previous.items():
+            signals.signal(sig, handler)
+        reservation.close()
+    return 1 if failed else 0
+
+
+def _redacted(url: str) -> str:
+    """A Redis URL without its password, for the log."""
+    scheme, sep, rest = url.partition("://")
+    if "@" not in rest:
+        return url
+    return f"{scheme}{sep}***@{rest.rpartition('@')[2]}"
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -222,6 +364,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--no-gc", action="store_true", help="leave the garbage collector alone (no gc options)"
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run N server processes on the port (SO_REUSEPORT); above 1 needs --redis",
+    )
+    p.add_argument(
+        "--redis",
+        metavar="URL",
+        help="share broadcasts, send_to, rooms and presence through this Redis, e.g. "
+        "redis://127.0.0.1:6379/0 (needs the steadysocket[redis] extra)",
     )
     p.add_argument("--certfile", metavar="PEM", help="serve wss:// with this certificate chain")
     p.add_argument("--keyfile", metavar="PEM", help="its private key (if not in --certfile)")

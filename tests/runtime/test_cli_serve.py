@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import signal
 import socket
@@ -14,8 +15,9 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Close
 
-from steadysocket.runtime.cli import build_parser
+from steadysocket.runtime.cli import build_parser, main
 from tests.runtime.adapters import clean_env, steadysocket_command
+from tests.runtime.redis_rig import redis_server
 
 MS = 0.001
 TIMEOUT = 10_000 * MS
@@ -289,5 +291,117 @@ def test_sigterm_ends_serve_within_the_close_timeout_even_when_clients_never_ans
 
     took, returncode, lines = run(body())
     assert took < 1.0 + 1.5 + 2.0  # close timeout, forced steps, slack for a loaded machine
+    assert returncode == 0
+    assert "Traceback" not in "".join(lines)
+
+
+# ---- serve --workers N --redis URL -----------------------------------------------------------
+
+WORKER_LISTENING = re.compile(r"\[worker (\d+) \d+\].*listening on ws://127\.0\.0\.1:(\d+)")
+WORKER_CONNECTED = re.compile(r"\[worker (\d+) \d+\].*client (\S+) connected from")
+
+
+def test_serve_refuses_workers_without_redis_with_a_clear_error() -> None:
+    async def body() -> tuple[int, str]:
+        process = await asyncio.create_subprocess_exec(
+            *steadysocket_command(),
+            "serve",
+            "--port",
+            "0",
+            "--workers",
+            "2",
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            env=clean_env(),
+        )
+        async with asyncio.timeout(TIMEOUT):
+            _, err = await process.communicate()
+        assert process.returncode is not None
+        return process.returncode, err.decode()
+
+    returncode, err = run(body())
+    assert returncode == 2
+    assert err == (
+        "steadysocket: --workers 2 needs --redis URL: without a shared broker each worker "
+        "would keep its own rooms, presence and broadcasts, and they would silently split\n"
+    )
+
+
+def test_serve_workers_below_one_are_refused() -> None:
+    args = build_parser().parse_args(["serve", "--workers", "3", "--redis", "redis://h:1/0"])
+    assert (args.workers, args.redis) == (3, "redis://h:1/0")
+    assert build_parser().parse_args(["serve"]).workers == 1
+    assert main(["serve", "--workers", "0"]) == 2
+
+
+def test_serve_runs_n_workers_on_one_port_spreads_clients_and_stops_them_all() -> None:
+    async def body() -> tuple[set[str], int, list[str], list[int]]:
+        async with redis_server() as redis:
+            process = await asyncio.create_subprocess_exec(
+                *steadysocket_command(),
+                "serve",
+                "--port",
+                "0",
+                "--workers",
+                "3",
+                "--redis",
+                redis.url,
+                "--heartbeat-interval-ms",
+                "60000",
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+                env=clean_env(),
+            )
+            assert process.stderr is not None
+            lines: list[str] = []
+            try:
+                ports: dict[str, int] = {}
+                async with asyncio.timeout(3 * TIMEOUT):
+                    while len(ports) < 3:
+                        line = (await process.stderr.readline()).decode()
+                        assert line, f"serve exited early: {lines}"
+                        lines.append(line)
+                        if match := WORKER_LISTENING.search(line):
+                            ports[match.group(1)] = int(match.group(2))
+                assert len(set(ports.values())) == 1
+                port = next(iter(ports.values()))
+                async with contextlib.AsyncExitStack() as stack:
+                    sockets = []
+                    for i in range(30):
+                        url = f"ws://127.0.0.1:{port}/ws/client?client_id=w{i}"
+                        ws = await stack.enter_async_context(connect(url, proxy=None))
+                        async with asyncio.timeout(TIMEOUT):
+                            await ws.recv()  # the hello
+                        sockets.append(ws)
+                    workers: set[str] = set()
+                    async with asyncio.timeout(TIMEOUT):
+                        seen = 0
+                        while seen < 30:
+                            line = (await process.stderr.readline()).decode()
+                            assert line, f"serve exited early: {lines}"
+                            lines.append(line)
+                            if match := WORKER_CONNECTED.search(line):
+                                workers.add(match.group(1))
+                                seen += 1
+                    process.send_signal(signal.SIGTERM)
+                    codes = []
+                    for ws in sockets:
+                        try:
+                            async with asyncio.timeout(TIMEOUT):
+                                while True:
+                                    await ws.recv()
+                        except ConnectionClosed as exc:
+                            codes.append(-1 if exc.rcvd is None else exc.rcvd.code)
+                lines += await rest_of_stderr(process)
+            finally:
+                if process.returncode is None:
+                    process.kill()
+                    await process.wait()
+            assert process.returncode is not None
+            return workers, process.returncode, lines, codes
+
+    workers, returncode, lines, codes = run(body())
+    assert len(workers) >= 2  # SO_REUSEPORT spread 30 connections over the 3 workers
+    assert codes == [1001] * 30
     assert returncode == 0
     assert "Traceback" not in "".join(lines)
