@@ -41,7 +41,7 @@ import urllib.parse
 from collections import deque
 from collections.abc import Sequence
 from ssl import SSLContext
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 from websockets.asyncio.client import MAX_REDIRECTS
 from websockets.asyncio.messages import MAX_FRAGMENTS
@@ -160,7 +160,6 @@ class FastTransport(asyncio.Protocol):
             self.abort()
             await asyncio.shield(self._lost)
             raise TransportClosed(self._ended(), written=True) from exc
-        assert transport is not None
         transport.write(self._text_frame(payload))
         if self._write_paused:
             await self._wait_writable()
@@ -290,7 +289,7 @@ class FastTransport(asyncio.Protocol):
                 self._waiter = None
         return frames.popleft()
 
-    async def _refuse(self) -> None:
+    async def _refuse(self) -> NoReturn:
         """The connection is closing or closed: wait for its end (bounded by the close timer,
         or by asyncio delivering ``connection_lost``), then refuse the frame."""
         if not self._lost.done() and self.protocol.state is not OPEN:
