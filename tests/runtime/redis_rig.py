@@ -15,11 +15,14 @@ import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 MS = 0.001
 START_TIMEOUT = 10_000 * MS
+ROOT = Path(__file__).resolve().parents[2]
+"""The project root: ``python -m tests.runtime.redis_rig`` runs from there."""
 
 
 def redis_binary() -> str:
@@ -91,6 +94,15 @@ class RedisServer:
         """``kill -9``: everything it held is gone."""
         await self._end(signal.SIGKILL)
 
+    def freeze(self) -> None:
+        """``SIGSTOP``: it holds its connections and data but answers nothing."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+
     async def stop(self) -> None:
         await self._end(signal.SIGTERM)
 
@@ -114,3 +126,119 @@ async def redis_server() -> AsyncIterator[RedisServer]:
             yield server
         finally:
             await server.stop()
+
+
+# ---- a cluster node process for the end-to-end tests ------------------------------------------
+
+
+def _node_app(server: Any) -> None:
+    """Handlers that let a test drive a node through its clients (v1 requests get replies)."""
+    from steadysocket.runtime.server import Client, SteadyServer
+
+    assert isinstance(server, SteadyServer)
+
+    async def broadcast(message: dict[str, Any], client: Client) -> int:
+        return await server.broadcast({"type": "news", "n": message["n"]})
+
+    async def send_to(message: dict[str, Any], client: Client) -> int:
+        return await server.send_to(message["to"], {"type": "direct", "n": message["n"]})
+
+    async def join(message: dict[str, Any], client: Client) -> None:
+        await client.join(message["room"])
+
+    async def publish(message: dict[str, Any], client: Client) -> int:
+        return await server.publish(message["room"], {"type": "room", "n": message["n"]})
+
+    async def presence(message: dict[str, Any], client: Client) -> list[str]:
+        return sorted(await server.presence(message["room"]))
+
+    async def count(message: dict[str, Any], client: Client) -> int:
+        return await server.client_count()
+
+    for name, handler in (
+        ("broadcast", broadcast),
+        ("send_to", send_to),
+        ("join", join),
+        ("publish", publish),
+        ("presence", presence),
+        ("count", count),
+    ):
+        server.on_message(name)(handler)
+
+
+async def _serve_node(redis_url: str) -> None:
+    """One node: a SteadyServer on a RedisBroker on a free port; prints ``READY <port>`` once
+    its broker reads the stream, and serves until SIGTERM."""
+    import signal as signals
+    import sys
+
+    from steadysocket.runtime.redis_broker import RedisBroker
+    from steadysocket.runtime.server import SteadyServer
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signals.SIGTERM, stop.set)
+    broker = RedisBroker(redis_url)
+    async with SteadyServer(
+        "127.0.0.1", 0, broker=broker, environ={}, heartbeat_interval_ms=60_000
+    ) as server:
+        _node_app(server)
+        await broker.reading.wait()
+        sys.stdout.write(f"READY {server.port}\n")
+        sys.stdout.flush()
+        await stop.wait()
+
+
+class NodeProcess:
+    """A node in its own process (``python -m tests.runtime.redis_rig URL``)."""
+
+    def __init__(self, process: asyncio.subprocess.Process, port: int) -> None:
+        self.process = process
+        self.port = port
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    @classmethod
+    async def start(cls, redis_url: str) -> NodeProcess:
+        import sys
+
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "tests.runtime.redis_rig",
+            redis_url,
+            stdout=asyncio.subprocess.PIPE,
+            cwd=str(ROOT),
+        )
+        assert process.stdout is not None
+        async with asyncio.timeout(START_TIMEOUT):
+            line = (await process.stdout.readline()).decode()
+        if not line.startswith("READY "):
+            process.kill()
+            await process.wait()
+            raise RuntimeError(f"the node did not start: {line!r}")
+        return cls(process, int(line.split()[1]))
+
+    async def kill(self) -> None:
+        """``kill -9``."""
+        if self.process.returncode is None:
+            self.process.kill()
+        async with asyncio.timeout(START_TIMEOUT):
+            await self.process.wait()
+
+    async def stop(self) -> None:
+        if self.process.returncode is None:
+            self.process.terminate()
+        try:
+            async with asyncio.timeout(START_TIMEOUT):
+                await self.process.wait()
+        except TimeoutError:
+            await self.kill()
+
+
+if __name__ == "__main__":
+    import sys
+
+    asyncio.run(_serve_node(sys.argv[1]))

@@ -179,6 +179,39 @@ def test_redis_down_local_clients_served_publications_buffered_then_delivered() 
     run(body())
 
 
+def test_redis_frozen_2_s_local_clients_served_publications_delivered_after() -> None:
+    """Redis stops answering for 2 s (SIGSTOP: connections open, data kept) during a stream of
+    broadcasts from node a: a's clients are served throughout; b's get every broadcast once,
+    in order, after Redis answers again; nothing is seen as a restart."""
+
+    async def body() -> None:
+        async with (
+            redis_server() as redis,
+            node(redis.url) as a,
+            node(redis.url) as b,
+            AsyncExitStack() as stack,
+        ):
+            (local,) = await connect_all(stack, a, ["local"])
+            (remote,) = await connect_all(stack, b, ["remote"])
+            await a.broadcast({"type": "news", "n": 0})
+            assert (await next_app(local))["n"] == 0
+            assert (await next_app(remote))["n"] == 0
+            redis.freeze()
+            try:
+                for n in range(1, 31):
+                    await a.broadcast({"type": "news", "n": n})
+                    assert (await next_app(local))["n"] == n  # served while Redis is frozen
+                await asyncio.sleep(OUTAGE)
+            finally:
+                redis.thaw()
+            for n in range(1, 31):
+                assert (await next_app(remote))["n"] == n
+            await broker_of(a).wait_flushed()
+            assert broker_of(a).restarts_seen == broker_of(b).restarts_seen == 0
+
+    run(body())
+
+
 def test_a_publication_beyond_the_outage_queue_is_raised_to_the_publisher() -> None:
     async def body() -> None:
         async with (
