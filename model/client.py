@@ -254,6 +254,8 @@ class ClientCore:
         self.successful_connections = 0
         self.messages_received = 0
         self.messages_sent = 0
+        self.data_sent = 0
+        """Application messages written (``messages_sent`` less pings, pongs and acks)."""
         self.heartbeats_received = 0
         self.heartbeats_sent = 0
         self.message_counts: Counter[str] = Counter()

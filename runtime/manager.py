@@ -1212,6 +1212,7 @@ class WebSocketManager:
                             pending = delivery.next_to_write()
                             if pending is not None:
                                 core.messages_sent += 1
+                                core.data_sent += 1
                                 await transport.send(pending.text)
                             continue
                         text = outgoing.popleft()
@@ -1219,11 +1220,13 @@ class WebSocketManager:
                         # Written from here on (at most once), even while the send waits for
                         # the peer to read: the ledger never sees it in two places or none.
                         core.messages_sent += 1
+                        core.data_sent += 1
                         try:
                             await transport.send(text)
                         except TransportClosed as exc:
                             if not exc.written:  # refused before anything was written
                                 core.messages_sent -= 1
+                                core.data_sent -= 1
                                 outgoing.appendleft(text)
                                 self._outgoing_bytes += len(text)
                             raise

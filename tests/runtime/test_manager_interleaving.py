@@ -15,7 +15,7 @@ After every step:
   ``destroy()``), so never an ``AssertionError`` or an ``ExceptionGroup``;
 - the message ledger balances: every message ``send()`` accepted is exactly once in one of
   written (taken by a transport; in-memory only), still queued, still in the send buffer, or
-  handed back; none was written twice, and ``messages_sent`` counts the written ones;
+  handed back; none was written twice, and the core's ``data_sent`` counts the written ones;
 - once every started call has finished and the last one was ``disconnect()`` or ``destroy()``:
   no task and no server connection is left.
 
@@ -28,6 +28,7 @@ printed in the run's summary.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections import Counter
 from collections.abc import Callable, Coroutine
@@ -37,6 +38,7 @@ from typing import Any, ClassVar
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
+from websockets.exceptions import ConnectionClosed
 
 import steadysocket.runtime.manager as manager_module
 from steadysocket.model.effects import Timer
@@ -240,7 +242,10 @@ class InterleavingMachine(RuleBasedStateMachine):
         if record is None or record.state is not ConnState.OPEN:
             return
         self.note(FAULTS, "ping")
-        self.run(self.server.ping(record))
+        # Over loopback the client may have dropped the link a moment ago, before the server
+        # noticed: then the ping does not land, which is no failure of the client's.
+        with contextlib.suppress(ConnectionClosed):
+            self.run(self.server.ping(record))
 
     # -- invariants ------------------------------------------------------------------------
 
@@ -289,7 +294,7 @@ class InterleavingMachine(RuleBasedStateMachine):
         m = self.m
         queued = [int(json.loads(t)["id"]) for t in m._core.queue]
         buffered = [int(json.loads(t)["id"]) for t in m._outgoing]
-        sent = m.get_state().stats.messages_sent
+        sent = m._core.data_sent  # messages_sent also counts pings and pongs
         assert len(self.accepted) == sent + len(queued) + len(buffered) + len(self.returned), (
             f"accepted {len(self.accepted)} != sent {sent} + queued {len(queued)} "
             f"+ buffered {len(buffered)} + returned {len(self.returned)}"
