@@ -51,6 +51,7 @@ from steadysocket.model.protocol import (
     reply_error_text,
     reply_text,
     truncate_reason,
+    use_fast_json,
     validate_query,
 )
 
@@ -447,7 +448,7 @@ def test_from_dict_rejects_something_that_is_not_a_mapping(cls: type[Any]) -> No
     "text", ["", "{", "not json", "{'type': 'x'}", '{"type": "x",}', "NaN", "Infinity", "-Infinity"]
 )
 def test_decode_text_raises_invalid_json_for_text_that_is_not_json(text: str) -> None:
-    with pytest.raises(InvalidJSON, match="^Invalid JSON format: ") as info:
+    with pytest.raises(InvalidJSON, match=r"^Invalid JSON format: ") as info:
         decode_text(text)
     assert info.value.error_code is ErrorCode.INVALID_JSON
 
@@ -1081,3 +1082,64 @@ def test_build_client_url_adds_and_replaces_the_resume_parameters() -> None:
         "epoch": ["E"],
         "offset": ["4"],
     }
+
+
+# --- steadysocket[fast]: orjson decodes, with the standard decoder's results ----------------------
+
+
+EDGE_TEXTS = [
+    '{"type":"x","n":12345678901234567890123}',  # beyond 64 bits: orjson would give a float
+    '{"type":"x","n":9223372036854775808}',
+    '{"type":"x","f":1e999}',
+    '{"type":"x","s":"\\ud800"}',  # a lone surrogate escape
+    '{"type":"x","v":NaN}',
+    '{"type":"x","a":1,"a":2}',
+    '{"type":"x","d":' + "[" * 2000 + "]" * 2000 + "}",
+    '{"type":"x",}',
+    '{"type":"x","f":-0.0,"g":1.5e-300,"h":"\\u00e9\\n"}',
+    "[1]",
+    '{"type":""}',
+]
+
+
+def _outcome(text: str) -> object:
+    try:
+        return ("ok", decode_text(text))
+    except ProtocolError as exc:
+        return (type(exc).__name__, str(exc))
+
+
+@pytest.mark.parametrize("text", EDGE_TEXTS)
+def test_decoding_with_orjson_gives_what_the_standard_decoder_gives(text: str) -> None:
+    assert use_fast_json(True)
+    try:
+        fast = _outcome(text)
+    finally:
+        assert not use_fast_json(False)
+    try:
+        assert fast == _outcome(text)
+    finally:
+        use_fast_json(True)
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@given(json_values)
+def test_any_message_decodes_the_same_with_and_without_orjson(value: Any) -> None:
+    text = json.dumps({"type": "x", "v": value})
+    use_fast_json(True)
+    fast = _outcome(text)
+    use_fast_json(False)
+    try:
+        assert fast == _outcome(text)
+    finally:
+        use_fast_json(True)
