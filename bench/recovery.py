@@ -468,11 +468,15 @@ def run(sizes: Sizes) -> Section:
     for crash in (True, False):
         on = _storm(count, True, crash, timeout)
         off = _storm(count, False, crash, timeout)
-        for run_ in (on, off):
-            if run_["retried"] == 0:
-                raise BenchError(f"no retry timer recorded (task {RETRY_TASK!r} renamed?)")
+        # A graceful run may need no retry at all: with 1,000 clients the old server's close
+        # takes long enough that the reconnects can find the new server listening. It must
+        # show its reconnects instead: delayed with jitter, at t = 0 without.
+        if crash and 0 in (on["retried"], off["retried"]):
+            raise BenchError(f"no retry timer recorded (task {RETRY_TASK!r} renamed?)")
         if not crash and on["delayed"] == 0:
             raise BenchError(f"no graceful delay recorded (task {GRACEFUL_TASK!r} renamed?)")
+        if not crash and 0.0 not in off["fleet"]:
+            raise BenchError("no immediate graceful reconnect recorded with jitter 0")
         kind = "crash (SIGKILL, no close frame)" if crash else "graceful shutdown (1001)"
         # Every attempt counts, the graceful reconnect included: with jitter it waits a
         # delay drawn within the window; with jitter 0 it dials at once.
