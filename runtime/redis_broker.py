@@ -179,10 +179,18 @@ class RedisBroker:
         return len(self._outgoing)
 
     async def start(self, node: Node) -> None:
-        """Start the reader, the writer and the presence tasks; never waits for Redis."""
+        """Start the reader, the writer and the presence tasks; waits for Redis at most its
+        connect timeout (2 s), then goes on without it (reconnecting in the background)."""
         if self._tasks:
             raise RuntimeError("RedisBroker.start() called twice")
         self._node = node
+        # One attempt now (bounded by the connect timeout), so that a server that starts
+        # serving after this has its cursor; if Redis is unreachable the reader keeps trying.
+        try:
+            await self._sync_generation()
+            self.reading.set()
+        except _FAILURES as exc:
+            logger.warning("redis unreachable at start (%s); retrying in the background", exc)
         self._tasks = [
             asyncio.create_task(self._read_loop(), name="steadysocket-redis-reader"),
             asyncio.create_task(self._write_loop(), name="steadysocket-redis-writer"),
@@ -311,7 +319,7 @@ class RedisBroker:
         strategy = self._backoff()
         node = self._node
         assert node is not None
-        synced = False
+        synced = self.reading.is_set()
         while not self._closing:
             try:
                 if not synced:

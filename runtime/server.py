@@ -2136,8 +2136,20 @@ class SteadyServer(Endpoints):
         """
         if self._ws_server is not None:
             raise RuntimeError("SteadyServer.start() called twice")
+        # The broker first: a publication from another process must reach the first client.
+        await self.start_broker()
+        try:
+            self._ws_server = await self._serve()
+        except BaseException:
+            await self.stop_broker()
+            raise
+        self._port = self._ws_server.sockets[0].getsockname()[1]
+        self.start_gc()
+        logger.info("listening on %s", self.url)
+
+    async def _serve(self) -> Server:
         timeout = self.config.connection_timeout
-        self._ws_server = await serve(
+        return await serve(
             self._handle,
             self.host,
             self._requested_port,
@@ -2153,10 +2165,6 @@ class SteadyServer(Endpoints):
             select_subprotocol=self._select_subprotocol if self.subprotocols else None,
             reuse_port=self._reuse_port or None,
         )
-        self._port = self._ws_server.sockets[0].getsockname()[1]
-        self.start_gc()
-        await self.start_broker()
-        logger.info("listening on %s", self.url)
 
     async def close(self) -> None:
         """Close every client with 1001 ``Server shutting down`` and stop; idempotent.
