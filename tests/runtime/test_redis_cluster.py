@@ -16,6 +16,9 @@ from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 
+from steadysocket.model.backoff import BackoffStrategy
+from steadysocket.model.snapshot import Phase
+from steadysocket.runtime.manager import ResumeEvent, WebSocketManager
 from tests.runtime.adapters import TIMEOUT, recv_json, run
 from tests.runtime.redis_rig import NodeProcess, redis_server
 
@@ -159,5 +162,63 @@ def test_kill_9_of_a_process_moves_its_v2_clients_to_the_others_with_no_silent_g
             for ws in moved.values():
                 message = await next_of(ws, "news")
                 assert (message["offset"], message["n"]) == (1, 2)  # a new session, from 1
+
+    run(body(), bound=120)
+
+
+def test_kill_9_moves_managers_with_a_url_list_to_the_next_process_told_resumed_false() -> None:
+    """WebSocketManager([doomed, a, b], version=2): after kill -9 of the process it was on,
+    each manager dials the next URL, is told its session is gone (on_resume: resumed False,
+    ``wrong_epoch``) and then receives the cluster's broadcasts in its new session."""
+
+    async def body() -> None:
+        async with (
+            redis_server() as redis,
+            cluster(redis.url) as nodes,
+            AsyncExitStack() as stack,
+        ):
+            (a, b, doomed) = nodes
+            managers: list[WebSocketManager] = []
+            events: list[ResumeEvent] = []
+            resumed = asyncio.Event()
+            streams = []
+            for i in range(10):
+                manager = WebSocketManager(
+                    [doomed.url, a.url, b.url],
+                    f"m{i}",
+                    version=2,
+                    backoff_strategy=BackoffStrategy(
+                        base_delays_ms=(20, 50), jitter_ratio=0.0, max_attempts=20
+                    ),
+                    environ={},
+                )
+
+                def heard(event: ResumeEvent) -> None:
+                    events.append(event)
+                    if len(events) == 10:
+                        resumed.set()
+
+                manager.on_resume(heard)
+                await stack.enter_async_context(manager)
+                streams.append(manager.messages())
+                managers.append(manager)
+            for manager in managers:
+                await manager.wait_for(Phase.OPEN, timeout=TIMEOUT)
+                assert doomed.url in manager.get_state().url
+            await doomed.kill()
+            async with asyncio.timeout(TIMEOUT):
+                await resumed.wait()
+            assert {(e.resumed, e.outcome) for e in events} == {(False, "wrong_epoch")}
+            for manager in managers:
+                await manager.wait_for(Phase.OPEN, timeout=TIMEOUT)
+                assert doomed.url not in manager.get_state().url
+            watcher, _ = await open_client(stack, a, "client_id=watcher")
+            await watcher.send(json.dumps({"type": "broadcast", "n": 3}))
+            for stream in streams:
+                async with asyncio.timeout(TIMEOUT):
+                    async for message in stream:
+                        if message.get("type") == "news":
+                            assert message["n"] == 3
+                            break
 
     run(body(), bound=120)
