@@ -63,7 +63,7 @@ from bench.common import (
 )
 from bench.profiling import render, top
 from steadysocket.model.delivery import number
-from steadysocket.model.protocol import HelloSession, make_hello
+from steadysocket.model.protocol import HelloSession, make_hello, use_fast_json
 from steadysocket.model.snapshot import Phase
 from steadysocket.runtime.manager import WebSocketManager
 
@@ -361,7 +361,17 @@ RUNNERS: dict[str, Callable[[str, int], Awaitable[float]]] = {
     "recv/v2": lambda url, n: _managed_recv(url, n, 2),
     "send/v2": lambda url, n: _managed_send(url, n, True, 2),
     "send-stamp/v2": lambda url, n: _managed_send(url, n, False, 2),
+    "recv/orjson": lambda url, n: _with_fast_json(_managed_recv(url, n)),
 }
+
+
+async def _with_fast_json(run: Awaitable[float]) -> float:
+    """One run with orjson decoding (steadysocket[fast]); every other run goes without it."""
+    use_fast_json(True)
+    try:
+        return await run
+    finally:
+        use_fast_json(False)
 
 
 def _client_main(
@@ -372,6 +382,11 @@ def _client_main(
     profile_count: int,
 ) -> None:
     url = f"ws://127.0.0.1:{port}"
+    # The goals hold without orjson: only the recv/orjson run decodes with it.
+    has_orjson = use_fast_json(True)
+    use_fast_json(False)
+    if not has_orjson:
+        del RUNNERS["recv/orjson"]
 
     watch = GcWatch()
     gc_us: dict[str, list[float]] = {name: [] for name in RUNNERS}
@@ -476,8 +491,21 @@ def run(sizes: Sizes) -> Section:
             r is not None and r >= V2_MIN_RATIO,
         )
 
+    with_orjson = []
+    if "recv/orjson" in rates:
+        value, base = median(rates["recv/orjson"]), median(rates["recv/raw"])
+        runs = spread(rates["recv/orjson"])
+        with_orjson.append(
+            Row(
+                "received, listener attached, with orjson (steadysocket[fast])",
+                f"{fmt(value)} msgs/s ({1e6 / value:.1f} µs/msg; runs {runs})",
+                f"{fmt(base)} msgs/s ({1e6 / base:.1f} µs/msg)",
+                ratio(value, base),
+            )
+        )
     section.rows = [
         row("received, listener attached", "recv/managed", "recv/raw"),
+        *with_orjson,
         row("sent, message has its timestamp", "send/managed", "send/raw"),
         row("sent, manager adds the timestamp", "send-stamp/managed", "send/raw"),
         v2_row("v2: received, offsets checked and acked", "recv/v2", "recv/managed", "recv/raw"),

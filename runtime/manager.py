@@ -76,6 +76,7 @@ from steadysocket.model.effects import (
 from steadysocket.model.server_session import DEFAULT_MAX_MESSAGE_BYTES
 from steadysocket.model.snapshot import Phase, WSState
 from steadysocket.runtime.debuglog import enable_debug_logging
+from steadysocket.runtime.fastws import open_fast_websocket
 from steadysocket.runtime.transport import CLOSE_TIMEOUT_S as CLOSE_TIMEOUT_S
 from steadysocket.runtime.transport import (
     AuthCallable,
@@ -88,7 +89,6 @@ from steadysocket.runtime.transport import (
     failure_from_exception,
     open_attempt,
 )
-from steadysocket.runtime.transport import open_websocket as _open_websocket
 
 logger = logging.getLogger(__name__)
 
@@ -403,7 +403,10 @@ class WebSocketManager:
         )
         self._clock = clock if clock is not None else SystemClock()
         self._sleep: Sleep = sleep if sleep is not None else asyncio.sleep
-        self._opener: Opener = opener if opener is not None else _open_websocket
+        # The default is the fast transport (websockets' Sans-I/O protocol on a bare asyncio
+        # Protocol), with open_websocket's failure semantics; opener=open_websocket takes
+        # websockets' asyncio client instead.
+        self._opener: Opener = opener if opener is not None else open_fast_websocket
         self._connect_options = ConnectOptions.build(
             headers=headers, subprotocols=subprotocols, ssl=ssl, auth=auth, urls=urls
         )
