@@ -357,7 +357,10 @@ class RedisBroker:
                         continue
                     if self._dedup.accept(publication):
                         self.delivered += 1
-                        node.deliver(publication)
+                        try:
+                            node.deliver(publication)
+                        except Exception:  # a bug must not stop the reader for everyone
+                            logger.exception("delivering publication %s failed", self._cursor)
 
     async def _write_loop(self) -> None:
         strategy = self._backoff()

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from websockets.asyncio.client import ClientConnection
 
-from steadysocket.model.routing import PresencePolicy, Target
+from steadysocket.model.routing import PresencePolicy, Publication, Target
 from steadysocket.runtime.broker import BrokerOverflow, BrokerUnavailable
 from steadysocket.runtime.redis_broker import RedisBroker
 from steadysocket.runtime.server import Client, SteadyServer
@@ -282,3 +282,33 @@ def _fields(target: Target, text: str) -> list[tuple[str, str]]:
         ("origin", "elsewhere"),
         ("seq", "1"),
     ]
+
+
+def test_a_delivery_that_raises_is_logged_and_the_next_publications_still_arrive(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def body() -> None:
+        async with (
+            redis_server() as redis,
+            node(redis.url) as a,
+            node(redis.url) as b,
+            AsyncExitStack() as stack,
+        ):
+            (ws,) = await connect_all(stack, b, ["c"])
+            original = b.deliver
+            calls = 0
+
+            def flaky(publication: Publication) -> None:
+                nonlocal calls
+                calls += 1
+                if calls == 1:
+                    raise RuntimeError("a bug in delivery")
+                original(publication)
+
+            b.deliver = flaky  # type: ignore[method-assign]
+            await a.broadcast({"type": "news", "n": 1})
+            await a.broadcast({"type": "news", "n": 2})
+            assert (await next_app(ws))["n"] == 2
+
+    run(body())
+    assert "delivering publication" in caplog.text
