@@ -405,3 +405,42 @@ def test_serve_runs_n_workers_on_one_port_spreads_clients_and_stops_them_all() -
     assert codes == [1001] * 30
     assert returncode == 0
     assert "Traceback" not in "".join(lines)
+
+
+def test_serve_with_redis_alone_runs_one_process_on_a_redis_broker() -> None:
+    async def body() -> tuple[str, str, int, list[str]]:
+        async with redis_server() as redis:
+            process, port, lines = await start_serve("--redis", redis.url)
+            try:
+                url = f"ws://127.0.0.1:{port}/ws/client?client_id=solo"
+                async with connect(url, proxy=None) as ws:
+                    async with asyncio.timeout(TIMEOUT):
+                        hello = await ws.recv()
+                    assert isinstance(hello, str)
+                    async with asyncio.timeout(TIMEOUT):
+                        generation = await redis_get(redis.url, "steadysocket:generation")
+                process.send_signal(signal.SIGTERM)
+                lines += await rest_of_stderr(process)
+            finally:
+                if process.returncode is None:
+                    process.kill()
+                    await process.wait()
+            assert process.returncode is not None
+            return hello, generation, process.returncode, lines
+
+    hello, generation, returncode, lines = run(body())
+    assert '"type":"hello"' in hello
+    assert generation  # the broker reached Redis and took its cursor
+    assert returncode == 0
+    assert "Traceback" not in "".join(lines)
+
+
+async def redis_get(url: str, key: str) -> str:
+    from redis.asyncio import Redis
+
+    client = Redis.from_url(url, decode_responses=True)
+    try:
+        value = await client.get(key)
+    finally:
+        await client.aclose()
+    return "" if value is None else str(value)
