@@ -56,10 +56,10 @@ DEGRADED_AFTER = 1.2
 """Silence, in heartbeat intervals, after which an open connection counts as degraded."""
 DEAD_AFTER = 2.0
 """Silence, in heartbeat intervals, after which the peer counts as dead."""
-GRACEFUL_JITTER_MS = 0.0
-"""The default window a graceful reconnect's delay is drawn from: 0, so a graceful close
-reconnects at once, as before the window existed. 1000 (uniform over 0 to 1 s) spreads the
-clients of a server going away; the recovery benchmark measures it."""
+GRACEFUL_JITTER_MS = 1000.0
+"""The default window a graceful reconnect's delay is drawn from: uniform over 0 to 1 s, so
+the clients of a server going away do not all dial at the same instant (the recovery
+benchmark measures the spread). 0 reconnects at once, as before the window existed."""
 
 CLIENT_DISCONNECT = CloseSocket(1000, "Client disconnect")
 CLIENT_RECONNECT = CloseSocket(1000, "Client reconnect")

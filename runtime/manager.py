@@ -73,6 +73,7 @@ from steadysocket.model.effects import (
     StartTimer,
     Timer,
 )
+from steadysocket.model.lifecycle import GRACEFUL_JITTER_MS
 from steadysocket.model.server_session import DEFAULT_MAX_MESSAGE_BYTES
 from steadysocket.model.snapshot import Phase, WSState
 from steadysocket.runtime.debuglog import enable_debug_logging
@@ -354,7 +355,7 @@ class WebSocketManager:
         fallback_probe_interval_ms: float | None = 60_000,
         send_queue_limit: int = 1000,
         stable_after_ms: float = 5_000,
-        graceful_jitter_ms: float = 0.0,
+        graceful_jitter_ms: float = GRACEFUL_JITTER_MS,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         send_buffer_bytes: int = DEFAULT_SEND_BUFFER_BYTES,
         delivery: DeliveryConfig | None = None,

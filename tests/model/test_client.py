@@ -591,7 +591,7 @@ def test_a_normal_close_from_the_server_after_open_goes_idle_without_reconnectin
 
 
 def test_a_going_away_close_with_graceful_reconnect_reconnects_at_once() -> None:
-    rt = open_client()
+    rt = open_client(graceful_jitter_ms=0)  # no window: at once
 
     effects = rt.close(CloseFailure(1001, "Server shutting down"))
 
@@ -611,7 +611,7 @@ def test_a_going_away_close_with_graceful_reconnect_reconnects_at_once() -> None
 def test_a_reconnect_after_a_stable_connection_is_recorded_in_the_reconnecting_phase() -> None:
     # Regression (fixed in model/client.py): the record's phase came from the attempt number,
     # so attempt 1 of a new outage showed "connecting" while the client was reconnecting.
-    rt = open_client()
+    rt = open_client(graceful_jitter_ms=0)
     rt.fire(Timer.STABLE)
 
     effects = rt.close(CloseFailure(1001, "Server shutting down"))
@@ -2006,8 +2006,8 @@ def graceful_client(window_ms: float = GRACEFUL_WINDOW_MS) -> tuple[Driver, Pinn
     return rt, source
 
 
-def test_the_graceful_window_defaults_to_zero_and_is_validated() -> None:
-    assert ClientConfig(base_url=BASE_URL, client_id=CLIENT_ID).graceful_jitter_ms == 0
+def test_the_graceful_window_defaults_to_a_second_and_is_validated() -> None:
+    assert ClientConfig(base_url=BASE_URL, client_id=CLIENT_ID).graceful_jitter_ms == 1000
     config = ClientConfig(base_url=BASE_URL, client_id=CLIENT_ID, graceful_jitter_ms=-1)
     with pytest.raises(ValueError, match="graceful_jitter_ms"):
         ClientCore(config, FakeClock())

@@ -367,7 +367,7 @@ def test_the_lifecycle_defaults_are_the_documented_ones() -> None:
     assert machine.stable_after_ms == 5_000
     assert machine.fallback_probe_interval_ms == 60_000
     assert machine.heartbeat_interval_ms is None
-    assert machine.graceful_jitter_ms == 0
+    assert machine.graceful_jitter_ms == 1000  # a server's clients spread over a second
 
 
 # -- the graceful reconnect's delay ------------------------------------------------------------
@@ -413,7 +413,7 @@ def test_graceful_delays_lie_within_the_window() -> None:
 
 def test_without_a_window_a_graceful_close_draws_nothing_and_reconnects_at_once() -> None:
     backoff = BackoffStrategy(jitter_ratio=0.0, rng=NoDraws())
-    machine = Lifecycle(backoff=backoff, start_phase=Phase.OPEN, attempts=1)
+    machine = Lifecycle(backoff=backoff, start_phase=Phase.OPEN, attempts=1, graceful_jitter_ms=0)
     machine.send("connection_lost", retryable=True, graceful=True)
     assert OpenSocket(attempt=2) in machine.drain()
 

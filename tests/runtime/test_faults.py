@@ -292,7 +292,13 @@ def test_a_graceful_restart_reconnects_faster_than_a_crash(
         old = await ServeProcess("--heartbeat-interval-ms", "60000").start()
         proxy.target_port = old.port
         recs = [
-            recorded(proxy.url, f"{how.name.lower()}-{i}", backoff_strategy=backoff((400,)))
+            # No graceful window here: the claim is that 1001 skips the backoff step.
+            recorded(
+                proxy.url,
+                f"{how.name.lower()}-{i}",
+                backoff_strategy=backoff((400,)),
+                graceful_jitter_ms=0,
+            )
             for i in range(clients)
         ]
         for rec in recs:

@@ -781,7 +781,7 @@ def test_regression_close_codes_reach_the_client_and_close_1000_means_idle() -> 
 
 def test_close_1001_with_graceful_reconnect_retries_at_once() -> None:
     async def main() -> None:
-        clock, server, m = rig()
+        clock, server, m = rig(graceful_jitter_ms=0)  # no window: at once
         seen: list[Phase] = []
         m.on_state_change(lambda s: seen.append(s.phase))
         await m.connect()

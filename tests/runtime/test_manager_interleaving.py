@@ -268,7 +268,8 @@ class InterleavingMachine(RuleBasedStateMachine):
         m = self.m
         phase = m.phase
         socket = _alive(m._socket_task)
-        retry = _alive(m._timers.get(Timer.RETRY))
+        # After a graceful close the next attempt waits its drawn delay on the graceful timer.
+        retry = _alive(m._timers.get(Timer.RETRY)) or _alive(m._timers.get(Timer.GRACEFUL))
         if phase is not Phase.IDLE:
             assert _alive(m._supervisor), f"{phase} without a supervisor"
             assert not m._stop.is_set(), f"{phase} with the supervisor stopping"
