@@ -163,7 +163,7 @@ def _server_main(
             async def close() -> None:
                 await steady.close()
         else:
-            import socketio  # type: ignore[import-untyped]
+            import socketio
             import uvicorn
 
             manager = socketio.AsyncRedisManager(redis_url, channel=channel)
