@@ -2281,7 +2281,9 @@ class SteadyServer(Endpoints):
                 await self.serve_client(
                     link,
                     route.query,
-                    headers=tuple(ws.request.headers.raw_items()),
+                    # An iterator over websockets' own list, read (once) only if a hook asks:
+                    # no copy per connection.
+                    headers=ws.request.headers.raw_items(),
                     subprotocol=ws.subprotocol,
                 )
             elif isinstance(route, LegacyRoute):
