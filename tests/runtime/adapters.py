@@ -14,6 +14,7 @@ import json
 import os
 import socket
 import sys
+import uuid
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -22,10 +23,12 @@ from typing import Any, Literal, TypeVar
 
 import uvicorn
 import uvicorn.config
+from starlette.types import ASGIApp
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Close
 
+from steadysocket.model.protocol import FEATURES, parse_timestamp
 from steadysocket.runtime.asgi import SteadyASGI
 from steadysocket.runtime.server import Endpoints, SteadyServer
 
@@ -78,6 +81,41 @@ class GracefulServer(uvicorn.Server):
         await super().shutdown(sockets)
 
 
+def uvicorn_config(app: ASGIApp, **options: Any) -> uvicorn.Config:
+    """uvicorn on 127.0.0.1, a free port, lifespan on, quiet, ``WS_IMPL``; plus ``options``."""
+    return uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=0,
+        lifespan="on",
+        log_level="warning",
+        log_config=None,
+        ws=WS_IMPL,
+        **options,
+    )
+
+
+@asynccontextmanager
+async def uvicorn_port(
+    server: uvicorn.Server, stop_bound: float = 3 * TIMEOUT
+) -> AsyncIterator[int]:
+    """Run ``server`` as a task; yield its port once it has started; stop it on exit."""
+    task = asyncio.create_task(server.serve())
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            while not server.started:
+                if task.done():
+                    task.result()  # raises why it could not start
+                    raise RuntimeError("uvicorn stopped before it started")
+                await asyncio.sleep(10 * MS)
+        port: int = server.servers[0].sockets[0].getsockname()[1]
+        yield port
+    finally:
+        server.should_exit = True
+        async with asyncio.timeout(stop_bound):
+            await task
+
+
 @asynccontextmanager
 async def served(kind: Kind, **options: Any) -> AsyncIterator[Served]:
     """Start ``kind`` with ``options`` (``Endpoints`` arguments, and ``compression``: "deflate"
@@ -89,32 +127,11 @@ async def served(kind: Kind, **options: Any) -> AsyncIterator[Served]:
             yield Served(kind, server, server.url)
         return
     app = SteadyASGI(**options)
-    config = uvicorn.Config(
-        app,
-        host="127.0.0.1",
-        port=0,
-        lifespan="on",
-        log_level="warning",
-        log_config=None,
-        ws=WS_IMPL,
-        ws_ping_interval=None,
-        ws_per_message_deflate=compression is not None,
+    config = uvicorn_config(
+        app, ws_ping_interval=None, ws_per_message_deflate=compression is not None
     )
-    uv = GracefulServer(config, app)
-    task = asyncio.create_task(uv.serve())
-    try:
-        async with asyncio.timeout(TIMEOUT):
-            while not uv.started:
-                if task.done():
-                    task.result()
-                    raise RuntimeError("uvicorn stopped before it started")
-                await asyncio.sleep(10 * MS)
-        port = uv.servers[0].sockets[0].getsockname()[1]
+    async with uvicorn_port(GracefulServer(config, app)) as port:
         yield Served(kind, app, f"ws://127.0.0.1:{port}")
-    finally:
-        uv.should_exit = True
-        async with asyncio.timeout(3 * TIMEOUT):
-            await task
 
 
 def dial(base: str, query: str = "client_id=c1", path: str = "/ws/client", **kw: Any) -> Any:
@@ -191,8 +208,66 @@ def closed_port() -> int:
     return port
 
 
-async def closed_with(ws: ClientConnection, bound: float = TIMEOUT) -> tuple[int, str]:
-    """Read until the connection ends; the code and reason of the close frame received."""
+async def received_close(ws: ClientConnection, bound: float = TIMEOUT) -> Close:
+    """Read until the connection ends; the close frame received, which must be there."""
     rcvd = await close_frame(ws, bound)
     assert rcvd is not None, "the connection ended without a close frame"
+    return rcvd
+
+
+async def closed_with(ws: ClientConnection, bound: float = TIMEOUT) -> tuple[int, str]:
+    """Read until the connection ends; the code and reason of the close frame received."""
+    rcvd = await received_close(ws, bound)
     return rcvd.code, rcvd.reason
+
+
+async def hello_of(ws: ClientConnection) -> dict[str, Any]:
+    """The next message, which must be the server's hello."""
+    hello = await recv_json(ws)
+    assert hello["type"] == "hello"
+    return hello
+
+
+SEED_HELLO_FIELDS = (
+    "type",
+    "server_time",
+    "accepted_version",
+    "features",
+    "request_id",
+    "client_id",
+    "heartbeat_interval_ms",
+)
+"""The seed's hello fields, in the order the servers send them."""
+
+
+def hello_facts(hello: dict[str, Any]) -> dict[str, Any]:
+    """What a test checks of a seed hello (whose fields are ``SEED_HELLO_FIELDS``), to compare
+    with ``seed_hello(...)``: the forms of ``server_time`` and ``request_id``, the rest's values."""
+    stamp = hello["server_time"]
+    return {
+        "server_time_is_utc_z": stamp.endswith("Z") and parse_timestamp(stamp).tzinfo is not None,
+        "accepted_version": hello["accepted_version"],
+        "features": hello["features"],
+        "request_id_uuid_version": uuid.UUID(hello["request_id"]).version,
+        "client_id": hello["client_id"],
+        "heartbeat_interval_ms": hello["heartbeat_interval_ms"],
+    }
+
+
+def seed_hello(client_id: str, heartbeat_interval_ms: int) -> dict[str, Any]:
+    """The ``hello_facts`` of a version-1 hello to ``client_id``."""
+    return {
+        "server_time_is_utc_z": True,
+        "accepted_version": 1,
+        "features": list(FEATURES),
+        "request_id_uuid_version": 4,
+        "client_id": client_id,
+        "heartbeat_interval_ms": heartbeat_interval_ms,
+    }
+
+
+async def still_works(ws: ClientConnection) -> bool:
+    """A ping on ``ws`` is answered with a pong that names the client."""
+    await ws.send('{"type":"ping"}')
+    pong = await recv_type(ws, "pong")
+    return bool(pong["client_id"])

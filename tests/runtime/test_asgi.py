@@ -15,9 +15,10 @@ import gc
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from functools import partial
+from typing import Any
 
 import pytest
 import uvicorn
@@ -25,32 +26,32 @@ import uvicorn.config
 from starlette.applications import Starlette
 from starlette.routing import Mount
 from starlette.types import ASGIApp
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
-from websockets.frames import Close
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
 
-from steadysocket.model.protocol import FEATURES, parse_timestamp
 from steadysocket.model.server_session import GcPolicy
 from steadysocket.runtime.asgi import Message, SteadyASGI
 from steadysocket.runtime.server import Client
-from tests.runtime.adapters import GracefulServer
-
-MS = 0.001
-TIMEOUT = 5000 * MS
-T = TypeVar("T")
-WS_IMPL = (
-    "websockets-sansio" if "websockets-sansio" in uvicorn.config.WS_PROTOCOLS else "websockets"
+from tests.runtime.adapters import (
+    SEED_HELLO_FIELDS,
+    TIMEOUT,
+    GracefulServer,
+    closed_with,
+    dial,
+    hello_facts,
+    hello_of,
+    http_get,
+    recv_json,
+    recv_type,
+    seed_hello,
+    still_works,
+    uvicorn_config,
+    uvicorn_port,
 )
+from tests.runtime.adapters import run as run_bounded
 
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run one async test body with an overall bound."""
-
-    async def bounded() -> T:
-        async with asyncio.timeout(4 * TIMEOUT):
-            return await coro
-
-    return asyncio.run(bounded())
+run = partial(run_bounded, bound=4 * TIMEOUT)
+"""Run one async test body, bounded by four ``TIMEOUT``s."""
 
 
 def steady(**kwargs: Any) -> SteadyASGI:
@@ -61,98 +62,18 @@ def steady(**kwargs: Any) -> SteadyASGI:
 @asynccontextmanager
 async def serving(app: ASGIApp, graceful: SteadyASGI | None = None) -> AsyncIterator[str]:
     """Run ``app`` under uvicorn on a free port; yield ``ws://127.0.0.1:<port>``."""
-    config = uvicorn.Config(
-        app,
-        host="127.0.0.1",
-        port=0,
-        lifespan="on",
-        log_level="warning",
-        log_config=None,
-        ws=WS_IMPL,
-    )
+    config = uvicorn_config(app)
     server = uvicorn.Server(config) if graceful is None else GracefulServer(config, graceful)
-    task = asyncio.create_task(server.serve())
-    try:
-        async with asyncio.timeout(TIMEOUT):
-            while not server.started:
-                if task.done():
-                    task.result()  # raises why it could not start
-                    raise RuntimeError("uvicorn stopped before it started")
-                await asyncio.sleep(10 * MS)
-        port = server.servers[0].sockets[0].getsockname()[1]
+    async with uvicorn_port(server, stop_bound=TIMEOUT) as port:
         yield f"ws://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        async with asyncio.timeout(TIMEOUT):
-            await task
-
-
-def dial(base: str, query: str = "client_id=c1", path: str = "/ws/client") -> Any:
-    target = f"{base}{path}" + (f"?{query}" if query else "")
-    return connect(target, proxy=None, open_timeout=TIMEOUT)
-
-
-async def recv_json(ws: ClientConnection) -> dict[str, Any]:
-    async with asyncio.timeout(TIMEOUT):
-        message = await ws.recv()
-    assert isinstance(message, str)
-    data: dict[str, Any] = json.loads(message)
-    return data
-
-
-async def recv_type(ws: ClientConnection, kind: str) -> dict[str, Any]:
-    """The next message of type ``kind``, skipping server pings."""
-    while True:
-        message = await recv_json(ws)
-        if message["type"] == kind:
-            return message
-        assert message["type"] == "ping", message
-
-
-async def close_frame(ws: ClientConnection) -> Close:
-    """Read until the server closes; return the close frame the client received."""
-    rcvd: Close | None = None
-    try:
-        async with asyncio.timeout(TIMEOUT):
-            while True:
-                await ws.recv()
-    except ConnectionClosed as exc:
-        rcvd = exc.rcvd
-    assert rcvd is not None, "no close frame arrived"
-    return rcvd
 
 
 async def refusals(base: str, queries: list[str]) -> list[tuple[int, str]]:
     result = []
     for query in queries:
         async with dial(base, query) as ws:
-            frame = await close_frame(ws)
-        result.append((frame.code, frame.reason))
+            result.append(await closed_with(ws))
     return result
-
-
-async def hello_of(ws: ClientConnection) -> dict[str, Any]:
-    hello = await recv_json(ws)
-    assert hello["type"] == "hello"
-    return hello
-
-
-async def still_works(ws: ClientConnection) -> bool:
-    await ws.send('{"type":"ping"}')
-    pong = await recv_type(ws, "pong")
-    return bool(pong["client_id"])
-
-
-async def http_get(base: str, path: str) -> bytes:
-    """A plain HTTP/1.1 GET; the whole raw response."""
-    port = int(base.rsplit(":", 1)[1])
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-        async with asyncio.timeout(TIMEOUT):
-            return await reader.read()
-    finally:
-        writer.close()
 
 
 # ---- PROTOCOL Server 1 and 2: close codes after the upgrade --------------------------------------
@@ -205,22 +126,8 @@ def test_the_hello_has_exactly_the_seeds_seven_fields() -> None:
             return await hello_of(ws)
 
     hello = run(body())
-    assert set(hello) == {
-        "type",
-        "server_time",
-        "accepted_version",
-        "features",
-        "request_id",
-        "client_id",
-        "heartbeat_interval_ms",
-    }
-    assert hello["server_time"].endswith("Z")
-    assert parse_timestamp(hello["server_time"]).tzinfo is not None
-    assert hello["accepted_version"] == 1
-    assert hello["features"] == list(FEATURES)
-    assert uuid.UUID(hello["request_id"]).version == 4
-    assert hello["client_id"] == client_id
-    assert hello["heartbeat_interval_ms"] == 4321
+    assert set(hello) == set(SEED_HELLO_FIELDS)
+    assert hello_facts(hello) == seed_hello(client_id, 4321)
 
 
 def test_the_server_pings_every_interval_counting_from_zero() -> None:
@@ -246,8 +153,7 @@ def test_a_client_silent_after_a_ping_is_closed_with_1011_heartbeat_timeout() ->
         app = steady(heartbeat_interval_ms=50, connection_timeout_ms=150)
         async with serving(app) as base, dial(base, "client_id=quiet") as ws:
             await hello_of(ws)
-            frame = await close_frame(ws)
-            return frame.code, frame.reason
+            return await closed_with(ws)
 
     assert run(body()) == (1011, "heartbeat timeout")
 
@@ -287,8 +193,7 @@ def test_a_frame_over_the_size_limit_closes_with_1009() -> None:
         async with serving(steady(max_message_bytes=64)) as base, dial(base) as ws:
             await hello_of(ws)
             await ws.send(json.dumps({"type": "chat", "text": "x" * 64}))
-            frame = await close_frame(ws)
-            return frame.code, frame.reason
+            return await closed_with(ws)
 
     assert run(body()) == (1009, "Message too big")
 
@@ -465,13 +370,13 @@ def test_shutdown_closes_every_client_with_1001_and_leaves_no_task_behind() -> N
             for ws in clients:
                 await hello_of(ws)
             legacy = await dial(base, "", path="/ws/old")
-        frames = [await close_frame(ws) for ws in [*clients, legacy]]
+        frames = [await closed_with(ws) for ws in [*clients, legacy]]
         for ws in [*clients, legacy]:
             async with asyncio.timeout(TIMEOUT):
                 await ws.wait_closed()
         await asyncio.sleep(0)
         left = asyncio.all_tasks() - before
-        return [(f.code, f.reason) for f in frames], left, len(app.clients)
+        return frames, left, len(app.clients)
 
     frames, left, connected = run(body())
     assert frames == [(1001, "Server shutting down")] * 4
@@ -487,8 +392,7 @@ def test_without_the_shutdown_recipe_uvicorn_itself_closes_clients_with_1012() -
         async with serving(app) as base:
             ws = await dial(base)
             await hello_of(ws)
-        frame = await close_frame(ws)
-        return frame.code, frame.reason
+        return await closed_with(ws)
 
     assert run(body()) == (1012, "")
 

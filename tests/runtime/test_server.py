@@ -12,36 +12,41 @@ import json
 import logging
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from functools import partial
+from typing import Any
 from urllib.parse import urlencode
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.frames import Close
 
-from steadysocket.model.protocol import FEATURES, decode_text, parse_timestamp
+from steadysocket.model.protocol import decode_text, parse_timestamp
 from steadysocket.model.server_session import CloseRecord, ConfigError, GcPolicy, ServerConfig
 from steadysocket.runtime.server import Client, Endpoints, SteadyServer
+from tests.runtime.adapters import (
+    MS,
+    SEED_HELLO_FIELDS,
+    TIMEOUT,
+    closed_with,
+    dial,
+    hello_facts,
+    hello_of,
+    received_close,
+    recv_json,
+    recv_type,
+    seed_hello,
+    still_works,
+)
+from tests.runtime.adapters import run as run_bounded
 
-MS = 0.001
-TIMEOUT = 5000 * MS
-T = TypeVar("T")
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run one async test body with an overall bound."""
-
-    async def bounded() -> T:
-        async with asyncio.timeout(4 * TIMEOUT):
-            return await coro
-
-    return asyncio.run(bounded())
+run = partial(run_bounded, bound=4 * TIMEOUT)
+"""Run one async test body, bounded by four ``TIMEOUT``s."""
 
 
 @asynccontextmanager
@@ -51,57 +56,9 @@ async def running(**kwargs: Any) -> AsyncIterator[SteadyServer]:
         yield server
 
 
-def dial(server: SteadyServer, query: str = "client_id=c1", path: str = "/ws/client") -> Any:
-    target = f"{server.url}{path}" + (f"?{query}" if query else "")
-    return connect(target, proxy=None, open_timeout=TIMEOUT)
-
-
-async def recv_json(ws: ClientConnection) -> dict[str, Any]:
-    async with asyncio.timeout(TIMEOUT):
-        message = await ws.recv()
-    assert isinstance(message, str)
-    data: dict[str, Any] = json.loads(message)
-    return data
-
-
-async def recv_type(ws: ClientConnection, kind: str) -> dict[str, Any]:
-    """The next message of type ``kind``, skipping server pings."""
-    while True:
-        message = await recv_json(ws)
-        if message["type"] == kind:
-            return message
-        assert message["type"] == "ping", message
-
-
-async def close_frame(ws: ClientConnection) -> Close:
-    """Read until the server closes; return the close frame the client received."""
-    rcvd: Close | None = None
-    try:
-        async with asyncio.timeout(TIMEOUT):
-            while True:
-                await ws.recv()
-    except ConnectionClosed as exc:
-        rcvd = exc.rcvd
-    assert rcvd is not None, "no close frame arrived"
-    return rcvd
-
-
 async def refused_with(server: SteadyServer, query: str) -> tuple[int, str]:
-    async with dial(server, query) as ws:
-        frame = await close_frame(ws)
-    return frame.code, frame.reason
-
-
-async def hello_of(ws: ClientConnection) -> dict[str, Any]:
-    hello = await recv_json(ws)
-    assert hello["type"] == "hello"
-    return hello
-
-
-async def still_works(ws: ClientConnection) -> bool:
-    await ws.send('{"type":"ping"}')
-    pong = await recv_type(ws, "pong")
-    return bool(pong["client_id"])
+    async with dial(server.url, query) as ws:
+        return await closed_with(ws)
 
 
 # ---- PROTOCOL Server 1 and 2: close codes after the upgrade, checked in order --------------
@@ -183,34 +140,20 @@ def test_the_hello_has_exactly_the_seeds_seven_fields() -> None:
     async def body() -> dict[str, Any]:
         async with (
             running(heartbeat_interval_ms=1234) as server,
-            dial(server, f"client_id={client_id}&version=1&role=admin") as ws,
+            dial(server.url, f"client_id={client_id}&version=1&role=admin") as ws,
         ):
             return await hello_of(ws)
 
     hello = run(body())
-    assert set(hello) == {
-        "type",
-        "server_time",
-        "accepted_version",
-        "features",
-        "request_id",
-        "client_id",
-        "heartbeat_interval_ms",
-    }
-    assert hello["server_time"].endswith("Z")
-    assert parse_timestamp(hello["server_time"]).tzinfo is not None
-    assert hello["accepted_version"] == 1
-    assert hello["features"] == list(FEATURES)
-    assert uuid.UUID(hello["request_id"]).version == 4
-    assert hello["client_id"] == client_id
-    assert hello["heartbeat_interval_ms"] == 1234
+    assert set(hello) == set(SEED_HELLO_FIELDS)
+    assert hello_facts(hello) == seed_hello(client_id, 1234)
 
 
 def test_the_hello_announces_the_heartbeat_interval_from_the_environment() -> None:
     async def body() -> int:
         async with (
             running(environ={"WS_HEARTBEAT_INTERVAL_MS": "4321"}) as server,
-            dial(server) as ws,
+            dial(server.url) as ws,
         ):
             return int((await hello_of(ws))["heartbeat_interval_ms"])
 
@@ -224,7 +167,7 @@ def test_the_server_pings_every_interval_counting_from_zero() -> None:
     async def body() -> list[dict[str, Any]]:
         async with (
             running(heartbeat_interval_ms=50, connection_timeout_ms=5000) as server,
-            dial(server, "client_id=beat") as ws,
+            dial(server.url, "client_id=beat") as ws,
         ):
             await hello_of(ws)
             pings = []
@@ -253,7 +196,7 @@ def test_the_heartbeat_starts_no_task_one_timer_handle_per_connection_sends_the_
         async with running(
             heartbeat_interval_ms=heartbeat_interval_ms, connection_timeout_ms=5000
         ) as server:
-            sockets = [await dial(server, f"client_id=t{n}") for n in range(10)]
+            sockets = [await dial(server.url, f"client_id=t{n}") for n in range(10)]
             for ws in sockets:
                 await hello_of(ws)
             pings = 0
@@ -290,7 +233,7 @@ def test_the_server_manages_the_collector_while_it_runs_and_gives_it_back() -> N
         gc.unfreeze()
         async with running(gc_policy=policy) as server:
             running_threshold = gc.get_threshold()[0]
-            async with dial(server, "client_id=frozen") as ws:
+            async with dial(server.url, "client_id=frozen") as ws:
                 await hello_of(ws)
                 await asyncio.sleep(100 * MS)
                 frozen = gc.get_freeze_count()
@@ -312,12 +255,12 @@ def test_the_collector_is_unfrozen_once_a_connection_sets_worth_has_closed() -> 
     policy = GcPolicy(freeze_interval_ms=20, unfreeze_min_closed=3)
 
     async def body() -> tuple[int, int]:
-        async with running(gc_policy=policy) as server, dial(server, "client_id=stay") as stay:
+        async with running(gc_policy=policy) as server, dial(server.url, "client_id=stay") as stay:
             await hello_of(stay)
             await asyncio.sleep(60 * MS)
             frozen = gc.get_freeze_count()
             for n in range(3):
-                async with dial(server, f"client_id=churn{n}") as ws:
+                async with dial(server.url, f"client_id=churn{n}") as ws:
                     await hello_of(ws)
             for _ in range(100):  # until the closes are counted and a tick unfreezes
                 if server._closed_since_unfreeze == 0:
@@ -334,7 +277,7 @@ def test_status_counts_the_pings_sent_and_names_the_last_one() -> None:
     async def body() -> tuple[list[dict[str, Any]], dict[str, Any]]:
         async with (
             running(heartbeat_interval_ms=50, connection_timeout_ms=5000) as server,
-            dial(server) as ws,
+            dial(server.url) as ws,
         ):
             await hello_of(ws)
             pings = [await recv_json(ws), await recv_json(ws)]
@@ -363,7 +306,7 @@ def test_a_client_silent_after_a_ping_is_closed_with_1011_heartbeat_timeout() ->
     async def body() -> tuple[int, str, int]:
         async with (
             running(heartbeat_interval_ms=50, connection_timeout_ms=150) as server,
-            dial(server) as ws,
+            dial(server.url) as ws,
         ):
             await hello_of(ws)
             pings = 0
@@ -386,7 +329,7 @@ def test_a_client_that_answers_pings_is_never_closed_for_silence() -> None:
     async def body() -> bool:
         async with (
             running(heartbeat_interval_ms=25, connection_timeout_ms=250) as server,
-            dial(server) as ws,
+            dial(server.url) as ws,
         ):
             await hello_of(ws)
             for expected in range(20):  # 20 intervals span twice the connection timeout
@@ -403,7 +346,7 @@ def test_a_client_that_answers_pings_is_never_closed_for_silence() -> None:
 
 def test_ping_is_answered_with_a_pong() -> None:
     async def body() -> dict[str, Any]:
-        async with running() as server, dial(server, "client_id=pinger") as ws:
+        async with running() as server, dial(server.url, "client_id=pinger") as ws:
             await hello_of(ws)
             await ws.send('{"type":"ping","timestamp":"2025-08-15T10:00:00Z"}')
             return await recv_json(ws)
@@ -416,7 +359,7 @@ def test_ping_is_answered_with_a_pong() -> None:
 
 def test_pong_gets_no_reply() -> None:
     async def body() -> dict[str, Any]:
-        async with running() as server, dial(server) as ws:
+        async with running() as server, dial(server.url) as ws:
             await hello_of(ws)
             await ws.send('{"type":"pong"}')
             await ws.send('{"type":"ping"}')
@@ -427,7 +370,7 @@ def test_pong_gets_no_reply() -> None:
 
 def test_invalid_json_gets_an_invalid_json_error_and_the_connection_stays_open() -> None:
     async def body() -> tuple[dict[str, Any], bool]:
-        async with running() as server, dial(server) as ws:
+        async with running() as server, dial(server.url) as ws:
             await hello_of(ws)
             await ws.send("{not json")
             return await recv_json(ws), await still_works(ws)
@@ -443,7 +386,7 @@ def test_json_that_is_not_an_object_gets_invalid_message_and_the_connection_stay
     text: str,
 ) -> None:
     async def body() -> tuple[dict[str, Any], bool]:
-        async with running() as server, dial(server) as ws:
+        async with running() as server, dial(server.url) as ws:
             await hello_of(ws)
             await ws.send(text)
             return await recv_json(ws), await still_works(ws)
@@ -458,7 +401,7 @@ def test_an_object_without_a_string_type_gets_invalid_message_and_the_connection
     text: str,
 ) -> None:
     async def body() -> tuple[dict[str, Any], bool]:
-        async with running() as server, dial(server) as ws:
+        async with running() as server, dial(server.url) as ws:
             await hello_of(ws)
             await ws.send(text)
             return await recv_json(ws), await still_works(ws)
@@ -470,7 +413,7 @@ def test_an_object_without_a_string_type_gets_invalid_message_and_the_connection
 
 def test_a_binary_frame_gets_unsupported_data_and_the_connection_stays_open() -> None:
     async def body() -> tuple[dict[str, Any], bool]:
-        async with running() as server, dial(server) as ws:
+        async with running() as server, dial(server.url) as ws:
             await hello_of(ws)
             await ws.send(b'{"type":"ping"}')
             return await recv_json(ws), await still_works(ws)
@@ -483,14 +426,14 @@ def test_a_binary_frame_gets_unsupported_data_and_the_connection_stays_open() ->
 def test_a_frame_over_the_size_limit_closes_with_1009() -> None:
     async def body() -> tuple[int, bool]:
         async with running(max_message_bytes=1024) as server:
-            async with dial(server) as ws:
+            async with dial(server.url) as ws:
                 await hello_of(ws)
                 await ws.send(json.dumps({"type": "chat", "pad": "x" * 2000}))
-                frame = await close_frame(ws)
+                code, _ = await closed_with(ws)
             # The server itself is unaffected.
-            async with dial(server) as other:
+            async with dial(server.url) as other:
                 await hello_of(other)
-                return frame.code, await still_works(other)
+                return code, await still_works(other)
 
     assert run(body()) == (1009, True)
 
@@ -501,7 +444,7 @@ def test_a_frame_at_the_size_limit_is_accepted() -> None:
     assert len(message.encode()) == 1024
 
     async def body() -> dict[str, Any]:
-        async with running(max_message_bytes=1024) as server, dial(server) as ws:
+        async with running(max_message_bytes=1024) as server, dial(server.url) as ws:
             await hello_of(ws)
             await ws.send(message)
             return await recv_json(ws)
@@ -511,7 +454,7 @@ def test_a_frame_at_the_size_limit_is_accepted() -> None:
 
 def test_the_default_handler_echoes_an_application_message() -> None:
     async def body() -> dict[str, Any]:
-        async with running() as server, dial(server, "client_id=echoer") as ws:
+        async with running() as server, dial(server.url, "client_id=echoer") as ws:
             await hello_of(ws)
             await ws.send('{"type":"test_message","payload":{"test":"data"}}')
             return await recv_json(ws)
@@ -537,7 +480,7 @@ def test_a_registered_handler_gets_the_message_and_can_reply() -> None:
                 seen.append((message, client.client_id))
                 await client.send({"type": "chat_ack", "n": message["n"]})
 
-            async with dial(server, "client_id=talker") as ws:
+            async with dial(server.url, "client_id=talker") as ws:
                 await hello_of(ws)
                 await ws.send('{"type":"chat","n":3}')
                 return await recv_json(ws)
@@ -559,7 +502,7 @@ def test_a_handler_that_raises_is_logged_and_the_connection_stays_open(
             async def boom(message: dict[str, Any], client: Client) -> None:
                 raise RuntimeError("handler bug")
 
-            async with dial(server) as ws:
+            async with dial(server.url) as ws:
                 await hello_of(ws)
                 await ws.send('{"type":"boom"}')
                 return await still_works(ws)
@@ -594,7 +537,7 @@ def test_connect_and_disconnect_hooks_run_once_per_connection() -> None:
                 events.append(("disconnect", client.client_id, client.close_code))
                 gone.set()
 
-            async with dial(server, "client_id=hooked") as ws:
+            async with dial(server.url, "client_id=hooked") as ws:
                 await hello_of(ws)
                 assert (await recv_json(ws))["type"] == "welcome"
             async with asyncio.timeout(TIMEOUT):
@@ -618,10 +561,10 @@ def test_hooks_that_raise_are_logged_and_do_not_break_the_connection(
             async def bad_disconnect(client: Client) -> None:
                 raise RuntimeError("disconnect hook bug")
 
-            async with dial(server) as ws:
+            async with dial(server.url) as ws:
                 await hello_of(ws)
                 works = await still_works(ws)
-            async with dial(server) as ws:
+            async with dial(server.url) as ws:
                 await hello_of(ws)
                 return works and await still_works(ws)
 
@@ -635,9 +578,9 @@ def test_send_to_reaches_every_connection_of_that_client_id_only() -> None:
     async def body() -> tuple[int, int, list[dict[str, Any]], bool]:
         async with (
             running() as server,
-            dial(server, "client_id=alice") as a1,
-            dial(server, "client_id=alice") as a2,
-            dial(server, "client_id=bob") as bob,
+            dial(server.url, "client_id=alice") as a1,
+            dial(server.url, "client_id=alice") as a2,
+            dial(server.url, "client_id=bob") as bob,
         ):
             for ws in (a1, a2, bob):
                 await hello_of(ws)
@@ -659,9 +602,9 @@ def test_broadcast_reaches_every_client_but_not_the_legacy_echo() -> None:
     async def body() -> tuple[int, list[str], str]:
         async with (
             running() as server,
-            dial(server, "client_id=a") as a,
-            dial(server, "client_id=b") as b,
-            dial(server, "", path="/ws/legacy") as legacy,
+            dial(server.url, "client_id=a") as a,
+            dial(server.url, "client_id=b") as b,
+            dial(server.url, "", path="/ws/legacy") as legacy,
         ):
             await hello_of(a)
             await hello_of(b)
@@ -705,7 +648,7 @@ def test_a_client_that_stops_reading_gets_pushes_refused_then_is_dropped_with_10
                 async with asyncio.timeout(TIMEOUT):
                     while sent:  # bounded: the outbox holds 4 MiB at most
                         sent = await server.send_to("slow", chunk) == 1
-                async with dial(server, "client_id=fine") as fine:
+                async with dial(server.url, "client_id=fine") as fine:
                     await hello_of(fine)
                     works = await still_works(fine)
                     async with asyncio.timeout(TIMEOUT):
@@ -726,7 +669,7 @@ def test_a_client_that_stops_reading_gets_pushes_refused_then_is_dropped_with_10
 
 def test_the_legacy_route_echoes_text_without_a_hello() -> None:
     async def body() -> list[Any]:
-        async with running() as server, dial(server, "", path="/ws/abc-123") as ws:
+        async with running() as server, dial(server.url, "", path="/ws/abc-123") as ws:
             replies = []
             for text in ("hello", '{"type":"ping"}'):
                 await ws.send(text)
@@ -739,16 +682,16 @@ def test_the_legacy_route_echoes_text_without_a_hello() -> None:
 
 def test_the_legacy_route_closes_with_1003_on_a_binary_frame() -> None:
     async def body() -> int:
-        async with running() as server, dial(server, "", path="/ws/abc") as ws:
+        async with running() as server, dial(server.url, "", path="/ws/abc") as ws:
             await ws.send(b"\x00\x01")
-            return (await close_frame(ws)).code
+            return (await received_close(ws)).code
 
     assert run(body()) == 1003
 
 
 def test_the_legacy_route_never_shadows_the_client_endpoint() -> None:
     async def body() -> str:
-        async with running() as server, dial(server, "client_id=c1") as ws:
+        async with running() as server, dial(server.url, "client_id=c1") as ws:
             return str((await recv_json(ws))["type"])
 
     assert run(body()) == "hello"
@@ -761,7 +704,7 @@ def test_every_other_path_gets_http_404(path: str) -> None:
     async def body() -> int:
         async with running() as server:
             with pytest.raises(InvalidStatus) as info:
-                async with dial(server, "", path=path):
+                async with dial(server.url, "", path=path):
                     pass
             return info.value.response.status_code
 
@@ -776,7 +719,7 @@ def test_two_hundred_clients_are_served_concurrently() -> None:
     connected_at_once: list[int] = []
 
     async def one(server: SteadyServer, all_in: asyncio.Barrier, n: int) -> str:
-        async with dial(server, f"client_id=client-{n}") as ws:
+        async with dial(server.url, f"client_id=client-{n}") as ws:
             await hello_of(ws)
             if await all_in.wait() == 0:
                 connected_at_once.append(len(server.clients))
@@ -813,19 +756,19 @@ def test_shutdown_closes_every_client_with_1001_and_leaves_no_task_behind() -> N
         before = asyncio.all_tasks()
         server = SteadyServer(port=0, environ={}, heartbeat_interval_ms=50)
         await server.start()
-        clients = [await dial(server, f"client_id=s{n}") for n in range(3)]
+        clients = [await dial(server.url, f"client_id=s{n}") for n in range(3)]
         for ws in clients:
             await hello_of(ws)
-        legacy = await dial(server, "", path="/ws/old")
+        legacy = await dial(server.url, "", path="/ws/old")
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
         await server.close()
-        frames = [await close_frame(ws) for ws in [*clients, legacy]]
+        frames = [await closed_with(ws) for ws in [*clients, legacy]]
         async with asyncio.timeout(TIMEOUT):
             raw = await reader.read()
         writer.close()
         await server.close()  # idempotent
         left = asyncio.all_tasks() - before
-        return [(f.code, f.reason) for f in frames], left, raw
+        return frames, left, raw
 
     frames, left, raw = run(body())
     assert frames == [(1001, "Server shutting down")] * 4
@@ -1014,7 +957,7 @@ def expected_replies(frame: str | bytes) -> int:
 
 async def fuzz_one(server: SteadyServer, params: list[tuple[str, str]], sent: list[Any]) -> str:
     """Returns how the connection ended: ``"open"`` (still working) or ``"closed <code>"``."""
-    async with dial(server, urlencode(params)) as ws:
+    async with dial(server.url, urlencode(params)) as ws:
         rcvd: Close | None = None
         try:
             assert (await recv_json(ws))["type"] == "hello"
@@ -1058,7 +1001,7 @@ def test_fuzzed_queries_and_frames_never_crash_the_server(
             probe()
 
             async def healthy() -> bool:
-                async with dial(server) as ws:
+                async with dial(server.url) as ws:
                     await hello_of(ws)
                     return await still_works(ws)
 
