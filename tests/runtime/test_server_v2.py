@@ -26,6 +26,7 @@ from steadysocket.model.protocol import FEATURES, is_session_token
 from steadysocket.runtime.server import Client, Endpoints
 from tests.runtime.adapters import (
     KINDS,
+    SEED_HELLO_FIELDS,
     TIMEOUT,
     Kind,
     close_frame,
@@ -129,13 +130,7 @@ def test_a_v2_hello_carries_a_fresh_session_and_the_servers_limits(kind: Kind) -
 
     first, second, session_id, version = run(body())
     assert list(first) == [
-        "type",
-        "server_time",
-        "accepted_version",
-        "features",
-        "request_id",
-        "client_id",
-        "heartbeat_interval_ms",
+        *SEED_HELLO_FIELDS,
         "session_id",
         "epoch",
         "resumed",
