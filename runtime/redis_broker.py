@@ -44,12 +44,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from typing import Any
-
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from typing import TYPE_CHECKING, Any
 
 from steadysocket.model.backoff import BackoffStrategy
 from steadysocket.model.routing import (
@@ -62,13 +57,15 @@ from steadysocket.model.routing import (
 )
 from steadysocket.runtime.broker import BrokerOverflow, BrokerUnavailable, Node
 
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
 __all__ = ["RedisBroker"]
 
 logger = logging.getLogger(__name__)
 
-_FAILURES = (RedisError, OSError)
-"""What an unreachable Redis raises (redis-py's ConnectionError and TimeoutError are both
-RedisErrors; a refused connect can surface as an OSError)."""
+_EXTRA = "RedisBroker needs redis-py: pip install 'steadysocket[redis]'"
+"""The error a missing redis-py gives (the module itself imports without it)."""
 
 
 def _default_backoff() -> BackoffStrategy:
@@ -131,6 +128,16 @@ class RedisBroker:
         self._block_ms = block_ms
         self._backoff = backoff
         self._wall_ms = wall_ms
+        try:
+            from redis.asyncio import Redis
+            from redis.asyncio.retry import Retry
+            from redis.backoff import NoBackoff
+            from redis.exceptions import RedisError
+        except ImportError as exc:
+            raise ImportError(_EXTRA) from exc
+        # What an unreachable Redis raises: redis-py's ConnectionError and TimeoutError are both
+        # RedisErrors; a refused connect can surface as an OSError.
+        self._failures: tuple[type[BaseException], ...] = (RedisError, OSError)
         # Our own reconnect policy, not redis-py's: no retries inside a command.
         self._redis: Redis = Redis.from_url(
             url,
@@ -189,7 +196,7 @@ class RedisBroker:
         try:
             await self._sync_generation()
             self.reading.set()
-        except _FAILURES as exc:
+        except self._failures as exc:
             logger.warning("redis unreachable at start (%s); retrying in the background", exc)
         self._tasks = [
             asyncio.create_task(self._read_loop(), name="steadysocket-redis-reader"),
@@ -211,7 +218,7 @@ class RedisBroker:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if tasks and self._node is not None:
-            with contextlib.suppress(*_FAILURES, TimeoutError):
+            with contextlib.suppress(*self._failures, TimeoutError):
                 async with asyncio.timeout(1):
                     await self._withdraw_all(self._node)
         await self._redis.aclose()
@@ -236,7 +243,7 @@ class RedisBroker:
                 pipe.execute_command("ZADD", self._room_key(room), expires, client_id)
                 pipe.execute_command("PEXPIRE", self._room_key(room), int(self.policy.ttl_ms))
                 await pipe.execute()
-        except _FAILURES as exc:
+        except self._failures as exc:
             logger.info(
                 "presence of %s in %r: announced once Redis is back (%s)", client_id, room, exc
             )
@@ -259,7 +266,7 @@ class RedisBroker:
         try:
             now = self._wall_ms()
             members = await self._cmd("ZRANGEBYSCORE", self._room_key(room), f"({now}", "+inf")
-        except _FAILURES as exc:
+        except self._failures as exc:
             raise BrokerUnavailable(f"presence of {room!r}: Redis unreachable ({exc})") from exc
         return frozenset(_text(m) for m in members)
 
@@ -277,7 +284,7 @@ class RedisBroker:
             if not nodes:
                 return 0
             counts = await self._cmd("HMGET", self._counts_key, *nodes)
-        except _FAILURES as exc:
+        except self._failures as exc:
             raise BrokerUnavailable(f"client count: Redis unreachable ({exc})") from exc
         return sum(int(c) for c in counts if c is not None)
 
@@ -336,7 +343,7 @@ class RedisBroker:
                     self._stream,
                     self._cursor,
                 )
-            except _FAILURES as exc:
+            except self._failures as exc:
                 self.reading.clear()
                 synced = False
                 await self._pause(strategy, "read", exc)
@@ -378,7 +385,7 @@ class RedisBroker:
                                 "XADD", self._stream, "MAXLEN", "~", self._maxlen, "*", *fields
                             )
                         await pipe.execute()
-                except _FAILURES as exc:
+                except self._failures as exc:
                     await self._pause(strategy, "write", exc)
                     continue
                 strategy.reset()
@@ -393,7 +400,7 @@ class RedisBroker:
         while not self._closing:
             try:
                 await self._announce(node)
-            except _FAILURES as exc:
+            except self._failures as exc:
                 await self._pause(strategy, "presence", exc)
                 continue
             strategy.reset()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from typing import Any
 
 import pytest
@@ -150,3 +151,15 @@ def test_a_memory_broker_before_start_knows_no_one_and_overflow_is_unavailabilit
         assert "7 publications" in str(error)
 
     run(body())
+
+
+def test_redis_broker_without_redis_py_says_which_extra_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from steadysocket.runtime.redis_broker import RedisBroker
+
+    # None in sys.modules makes "import redis..." raise ImportError, as if it were absent.
+    for name in ("redis", "redis.asyncio", "redis.asyncio.retry", "redis.backoff"):
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(ImportError, match=r"pip install 'steadysocket\[redis\]'"):
+        RedisBroker("redis://127.0.0.1:1")
