@@ -8,9 +8,13 @@ trap 'rm -rf "$work"' EXIT
 
 probe='
 import importlib, pkgutil, sys
-import steadysocket.model, steadysocket.runtime
-names = sorted(m.name for pkg in (steadysocket.model, steadysocket.runtime)
-               for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."))
+import steadysocket, steadysocket.model, steadysocket.runtime, steadysocket.testing
+# Only names an import statement can spell: an editable install also finds the folder that
+# holds the top-level package (runtime/top-level), which no "import" can name.
+packages = (steadysocket.model, steadysocket.runtime, steadysocket.testing)
+names = sorted({m.name for pkg in packages
+                for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + ".")
+                if all(part.isidentifier() for part in m.name.split("."))})
 for name in names:
     importlib.import_module(name)
 for plain in ("model", "runtime"):
