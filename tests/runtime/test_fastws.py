@@ -18,11 +18,9 @@ import re
 import socket
 import ssl
 import struct
-import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -670,55 +668,16 @@ def test_the_manager_catches_a_peer_that_stops_reading_through_the_fast_transpor
 # ---- wss:// ---------------------------------------------------------------------------------
 
 
-def _openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def certificates(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A throwaway CA and a server certificate for 127.0.0.1 (test_security.py's recipe)."""
-    d = tmp_path_factory.mktemp("tls")
-    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
-    _openssl(
-        "req", "-x509", *ec, "-keyout", str(d / "ca.key"), "-out", str(d / "ca.pem"),
-        "-days", "2", "-subj", "/CN=steadysocket test CA",
-        "-addext", "basicConstraints=critical,CA:TRUE",
-        "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-    )  # fmt: skip
-    _openssl(
-        "req", "-new", *ec, "-keyout", str(d / "server.key"), "-out", str(d / "server.csr"),
-        "-subj", "/CN=127.0.0.1",
-    )  # fmt: skip
-    (d / "ext.cnf").write_text(
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
-        "basicConstraints=critical,CA:FALSE\n"
-        "keyUsage=critical,digitalSignature\n"
-        "extendedKeyUsage=serverAuth\n"
-        "subjectKeyIdentifier=hash\n"
-        "authorityKeyIdentifier=keyid,issuer\n"
-    )
-    _openssl(
-        "x509", "-req", "-in", str(d / "server.csr"), "-CA", str(d / "ca.pem"),
-        "-CAkey", str(d / "ca.key"), "-CAcreateserial", "-days", "2",
-        "-out", str(d / "server.pem"), "-extfile", str(d / "ext.cnf"),
-    )  # fmt: skip
-    return {"ca": d / "ca.pem", "cert": d / "server.pem", "key": d / "server.key"}
-
-
-def _server_context(certificates: dict[str, Path]) -> ssl.SSLContext:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(certificates["cert"], certificates["key"])
-    return context
+# The throwaway CA and certificate are tests/runtime/conftest.py's shared fixtures.
 
 
 def test_wss_with_a_trusted_certificate_says_hello_and_echoes(
-    certificates: dict[str, Path],
+    server_context: ssl.SSLContext, client_context: ssl.SSLContext
 ) -> None:
     async def body() -> tuple[str, dict[str, Any], dict[str, Any]]:
-        async with steady(ssl=_server_context(certificates)) as server:
-            context = ssl.create_default_context(cafile=str(certificates["ca"]))
+        async with steady(ssl=server_context) as server:
             transport = await open_fast_websocket(
-                f"{server.url}/ws/client?client_id=c1", ssl=context
+                f"{server.url}/ws/client?client_id=c1", ssl=client_context
             )
             hello = json.loads(await recv(transport))
             await transport.send('{"type":"chat","text":"over tls"}')
@@ -733,10 +692,10 @@ def test_wss_with_a_trusted_certificate_says_hello_and_echoes(
 
 
 def test_both_transports_report_an_untrusted_certificate_as_the_same_tls_failure(
-    certificates: dict[str, Path],
+    server_context: ssl.SSLContext,
 ) -> None:
     async def body() -> dict[str, Failure]:
-        async with steady(ssl=_server_context(certificates)) as server:
+        async with steady(ssl=server_context) as server:
             failures = {}
             for name, opener in OPENERS.items():
                 # Trusts only the system's CAs, not ours.
