@@ -34,7 +34,7 @@ from steadysocket.model.client import (
     Offer,
     Received,
 )
-from steadysocket.model.delivery import DeliveryConfig
+from steadysocket.model.delivery import ClientDelivery, DeliveryConfig
 from steadysocket.model.effects import (
     CancelTimer,
     CloseSocket,
@@ -1620,6 +1620,15 @@ def query(rt: Driver) -> dict[str, list[str]]:
     return parse_qs(urlsplit(rt.core.url).query)
 
 
+def write(rt: Driver, text: str) -> ClientDelivery:
+    """Accept ``text`` on an open v2 client and write it (the outbox's pending entries)."""
+    delivery = rt.core.delivery
+    assert delivery is not None
+    assert rt.core.offer(text) is Offer.SEND
+    list(delivery.to_write())
+    return delivery
+
+
 def test_version_must_be_one_or_two() -> None:
     with pytest.raises(ValueError, match="version must be 1 or 2, got 3"):
         client(version=3)
@@ -1743,10 +1752,7 @@ def test_v2_control_messages_and_unparseable_frames_pass_unnumbered() -> None:
 
 def test_a_refused_resume_is_reported_once_and_hands_back_what_was_written() -> None:
     rt = v2_client()
-    rt.core.offer('{"type":"a"}')
-    delivery = rt.core.delivery
-    assert delivery is not None
-    list(delivery.to_write())
+    delivery = write(rt, '{"type":"a"}')
     rt.close(DROPPED)
     rt.fire(Timer.RETRY)
     rt.core.offer('{"type":"b"}')  # accepted during the outage, never written
@@ -1763,10 +1769,7 @@ def test_a_refused_resume_is_reported_once_and_hands_back_what_was_written() -> 
 
 def test_a_resumed_session_reports_its_replay_and_loses_nothing() -> None:
     rt = v2_client()
-    rt.core.offer('{"type":"a"}')
-    delivery = rt.core.delivery
-    assert delivery is not None
-    list(delivery.to_write())
+    write(rt, '{"type":"a"}')
     rt.close(DROPPED)
     rt.fire(Timer.RETRY)
     rt.first_frame(v2_hello(resumed=True, resume_outcome="resumed", replayed=3))
@@ -1799,10 +1802,7 @@ def test_a_v2_hello_lowers_the_largest_message_to_what_the_server_accepts() -> N
 
 def test_a_server_that_refuses_v2_with_4400_gets_a_v1_retry() -> None:
     rt = v2_client()
-    delivery = rt.core.delivery
-    assert delivery is not None
-    rt.core.offer('{"type":"written"}')
-    list(delivery.to_write())
+    write(rt, '{"type":"written"}')
     rt.close(DROPPED)
     rt.core.offer('{"type":"unsent"}')
     rt.fire(Timer.RETRY)
@@ -1834,10 +1834,7 @@ def test_a_downgrade_with_nothing_written_hands_nothing_back() -> None:
 
 def test_idle_or_fallback_ends_the_session_and_hands_back_its_outbox_with_reasons() -> None:
     rt = v2_client()
-    delivery = rt.core.delivery
-    assert delivery is not None
-    rt.core.offer('{"type":"written"}')
-    list(delivery.to_write())
+    write(rt, '{"type":"written"}')
     rt.core.offer('{"type":"unsent"}')
     rt.disconnect()
     assert rt.core.take_returns() == [
