@@ -418,7 +418,7 @@ def run(sizes: Sizes) -> Section:
     repeats: int = sizes.pick(3, 1)
     section = Section(
         "fanout",
-        "Broadcast fan-out across processes on Redis",
+        "7. Broadcast fan-out across processes on Redis",
         f"{clients:,} light clients (bare asyncio protocol, {CLIENT_PROCESSES} client "
         "processes) spread evenly over 1 or 2 server processes sharing one redis-server; "
         "process 0 broadcasts ~100-byte JSON. Throughput: "
@@ -449,6 +449,11 @@ def run(sizes: Sizes) -> Section:
     def runs(kind: str, processes: int, key: str) -> list[float]:
         return [f[key] for f in figures[(kind, processes)]]
 
+    def complete(processes: int, key: str) -> bool:
+        """Whether steadysocket delivered every message in every round (a figure over lost
+        messages meets no goal)."""
+        return all(x >= 1.0 for x in runs("steady", processes, key))
+
     for processes in (1, 2):
         label = f"{processes} process{'es' if processes > 1 else ''}"
         value, base = med("steady", processes, "rate"), med("socketio", processes, "rate")
@@ -461,8 +466,8 @@ def run(sizes: Sizes) -> Section:
                 f"{fmt(base)} /s (runs {spread(runs('socketio', processes, 'rate'))}; "
                 f"{fmt(med('socketio', processes, 'delivered') * 100, 1)} % delivered)",
                 r,
-                "≥ 2x python-socketio",
-                r is not None and r >= 2,
+                "≥ 2x python-socketio, every message delivered",
+                r is not None and r >= 2 and complete(processes, "delivered"),
             )
         )
         section.rows.append(
@@ -477,11 +482,13 @@ def run(sizes: Sizes) -> Section:
         section.rows.append(
             Row(
                 f"delivery latency p50 / p99 at 4,000 deliveries/s, {label}",
-                f"{fmt(med('steady', processes, 'p50_ms'), 1)} / {fmt(p99, 1)} ms",
-                f"{fmt(med('socketio', processes, 'p50_ms'), 1)} / {fmt(base99, 1)} ms",
+                f"{fmt(med('steady', processes, 'p50_ms'), 1)} / {fmt(p99, 1)} ms "
+                f"({fmt(med('steady', processes, 'paced_delivered') * 100, 1)} % delivered)",
+                f"{fmt(med('socketio', processes, 'p50_ms'), 1)} / {fmt(base99, 1)} ms "
+                f"({fmt(med('socketio', processes, 'paced_delivered') * 100, 1)} % delivered)",
                 ratio(p99, base99),
-                "lower p99",
-                p99 < base99,
+                "lower p99, every message delivered",
+                p99 < base99 and complete(processes, "paced_delivered"),
             )
         )
     return section

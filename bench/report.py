@@ -98,7 +98,16 @@ def machine(measured: str = "") -> list[tuple[str, str]]:
             "libraries",
             ", ".join(
                 f"{name} {_version(name)}"
-                for name in ("steadysocket", "websockets", "python-statemachine", "hypothesis")
+                for name in (
+                    "steadysocket",
+                    "websockets",
+                    "python-statemachine",
+                    "hypothesis",
+                    "python-socketio",
+                    "python-engineio",
+                    "uvicorn",
+                    "redis",
+                )
             ),
         ),
         ("commit", measured or commit()),

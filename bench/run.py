@@ -2,7 +2,7 @@
 
 Usage (from the repository root)::
 
-    python -m bench                  # the full suite; writes BENCHMARKS.md (about 15 minutes)
+    python -m bench                  # the full suite; writes BENCHMARKS.md (about 20 minutes)
     python -m bench --quick          # CI smoke run: small N, few repeats; writes nothing
     python -m bench --only capacity,recovery --output /tmp/b.md
 
@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 
-from bench import capacity, client_path, handshakes, lifecycle, recovery, server_path
+from bench import capacity, client_path, fanout, handshakes, lifecycle, recovery, server_path
 from bench.common import OtherLoad, Row, Section, Sizes
 from bench.report import RunInfo, commit, document, goals, now, section_markdown
 
@@ -35,6 +35,7 @@ BENCHMARKS: dict[str, Callable[[Sizes], Section]] = {
     "lifecycle": lifecycle.run,
     "recovery": recovery.run,
     "server_path": server_path.run,
+    "fanout": fanout.run,
 }
 
 
