@@ -489,6 +489,26 @@ class SessionStore:
         self._by_client[client_id] = session
         return Opened(session, outcome, ())
 
+    def adopt(self, session: ServerSession) -> None:
+        """Take in ``session``, restored from a shared store (``model/ledger.py``), in place of
+        any session of its client id here; it is disconnected until a connection resumes it."""
+        self._index()
+        for old in self.of_client(session.client_id):
+            self._drop(old)
+        stale = self.sessions.get(session.session_id)
+        if stale is not None:
+            self._drop(stale)
+        session.connected, session.disconnected_at = False, None
+        self.sessions[session.session_id] = session
+        self._by_client[session.client_id] = session
+
+    def discard(self, session: ServerSession) -> None:
+        """Drop ``session`` from the store now (a shared store says it is another process's,
+        or gone); nothing if it is not the store's."""
+        self._index()
+        if self.sessions.get(session.session_id) is session:
+            self._drop(session)
+
     def _drop(self, session: ServerSession) -> None:
         del self.sessions[session.session_id]
         self._idle.pop(session.session_id, None)

@@ -91,7 +91,9 @@ __all__ = [
     "OUTBOX_OVERFLOW",
     "RATE_LIMITED",
     "SERVER_FULL",
+    "SESSION_LOST",
     "SESSION_RESUMED_ELSEWHERE",
+    "SESSION_STORE_UNAVAILABLE",
     "SHUTDOWN",
     "UNSUPPORTED_LEGACY_DATA",
     "UPGRADE_REQUIRED",
@@ -195,6 +197,15 @@ SESSION_RESUMED_ELSEWHERE: Final = Close(CloseCode.NORMAL, "Session resumed else
 noticed the old one die): never two connections on one session. 1000, so a client that still
 holds this connection goes idle instead of resuming again (two holders would take the session
 from each other forever); the client that resumed is on the new connection."""
+
+SESSION_STORE_UNAVAILABLE: Final = Close(1013, "Session store unreachable: try again")
+"""Shared v2 sessions (``model/ledger.py``): the store cannot be reached to open or claim the
+session, so the hello cannot promise anything yet. 1013 (try again later): the client retries."""
+
+SESSION_LOST: Final = Close(1013, "Session lost by the store: resume to start again")
+"""Shared v2 sessions: the store no longer holds the session (it expired, or the store restarted
+empty). The client resumes and is told ``resumed: false``; its unacknowledged messages are
+handed back to it."""
 
 OUTBOX_OVERFLOW: Final = Close(1013, "Outbox full: resume to receive the rest")
 """A v2 connection's outbox refused a numbered message: the message is in the session's
@@ -1068,12 +1079,19 @@ class ServerSession:
             return [Close(CloseCode.AUTH_EXPIRED, truncate_reason(reason or AUTH_EXPIRED_REASON))]
         return [Close(CloseCode.AUTH_REFUSED, truncate_reason(reason or AUTH_REFUSED_REASON))]
 
-    def fail_handshake(self) -> list[Action]:
-        """The runtime failed while accepting or sending the hello: close with 4500."""
+    def fail_handshake(self, close: Close = HANDSHAKE_ERROR) -> list[Action]:
+        """The runtime failed while accepting or sending the hello: close with 4500 (or
+        ``close``, such as :data:`SESSION_STORE_UNAVAILABLE`)."""
         if self.state is SessionState.CLOSED:
             return []
         self.state = SessionState.CLOSED
-        return [HANDSHAKE_ERROR]
+        return [close]
+
+    @property
+    def resume_query(self) -> dict[str, str]:
+        """After :meth:`check` accepted a v2 query: its ``session_id``, ``epoch`` and ``offset``
+        (those it gave); empty otherwise."""
+        return {} if self._checked is None else dict(self._checked.resume)
 
     # ---- input -----------------------------------------------------------------------------
 

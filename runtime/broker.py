@@ -23,8 +23,11 @@ Errors::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
+from steadysocket.model.backoff import BackoffStrategy
+from steadysocket.model.ledger import Claim, SessionRecord, Write, Written
 from steadysocket.model.routing import Publication, Rooms, Target
 
 __all__ = [
@@ -33,6 +36,7 @@ __all__ = [
     "BrokerUnavailable",
     "MemoryBroker",
     "Node",
+    "SharedSessions",
 ]
 
 
@@ -65,8 +69,54 @@ class Node(Protocol):
     def local_client_count(self) -> int:
         """How many ``/ws/client`` connections this node holds."""
 
-    def deliver(self, publication: Publication) -> None:
-        """Deliver a publication from another node to this node's clients (never waits)."""
+    def deliver(self, publication: Publication, entry_id: str, *, own: bool) -> None:
+        """Deliver a publication read from the store at ``entry_id`` to this node's clients
+        (never waits). ``own``: this node published it, and delivered it to its v1
+        connections already; with shared sessions its v2 sessions get it only now."""
+
+
+class SharedSessions(Protocol):
+    """A store that holds the v2 sessions of every node (``model/ledger.py``'s rules).
+
+    Every coroutine raises :class:`BrokerUnavailable` when the store cannot be reached.
+    """
+
+    @property
+    def epoch(self) -> str | None:
+        """The cluster's epoch (None until the store was reached once)."""
+
+    @property
+    def cursor(self) -> str:
+        """The stream position up to which this node's reader delivered publications."""
+
+    @property
+    def queued(self) -> int:
+        """The number (``seq``) of this node's last publication so far."""
+
+    async def published(self, seq: int) -> None:
+        """Wait until this node's publications up to ``seq`` are in the store (a handler's
+        publications are, before its message is acknowledged)."""
+
+    def backoff(self) -> BackoffStrategy:
+        """A fresh reconnect strategy for a task that retries the store."""
+
+    async def write(self, writes: Sequence[Write]) -> list[Written]:
+        """Carry out ``writes``, in one round trip; what became of each."""
+
+    async def claim(
+        self, session_id: str, client_id: str, role: str, owner: str, held: str
+    ) -> tuple[Claim, SessionRecord | None]:
+        """Claim a session for ``owner`` (``held``: this node's current claim, or '').
+
+        Raises:
+            ValueError: the store's record of it is malformed.
+        """
+
+    async def trimmed_past(self, since: str) -> bool:
+        """Whether the publication stream dropped an entry after ``since``."""
+
+    async def read_after(self, since: str, count: int) -> list[tuple[str, Publication | None]]:
+        """Up to ``count`` publications after ``since`` (None: a malformed entry)."""
 
 
 class Broker(Protocol):
@@ -75,6 +125,10 @@ class Broker(Protocol):
     @property
     def node_id(self) -> str:
         """This node's name in the cluster (random per process)."""
+
+    @property
+    def shared_sessions(self) -> SharedSessions | None:
+        """The store of every node's v2 sessions; None: each node keeps its own."""
 
     async def start(self, node: Node) -> None:
         """Start serving ``node`` (connect, start reading the other nodes' publications)."""
@@ -123,6 +177,11 @@ class MemoryBroker:
     def node_id(self) -> str:
         """Always ``"local"``: there is no other node."""
         return "local"
+
+    @property
+    def shared_sessions(self) -> None:
+        """None: the server keeps its v2 sessions itself."""
+        return None
 
     async def start(self, node: Node) -> None:
         """Remember the node whose rooms and clients answer presence."""

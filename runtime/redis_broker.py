@@ -31,9 +31,18 @@ What goes through Redis, and what each part guarantees:
   each live process's own count (``{prefix}:nodes``, ``{prefix}:counts``). Both read the
   processes' wall clocks: keep them within a second or so of each other (NTP).
 
-The v2 sessions (history, dedup state, epoch) stay in their process: a v2 client that moves to
-another process starts a new session there (``resumed: false``, ``wrong_epoch``), never a
-silent gap.
+- **v2 sessions** live in Redis too (``runtime/redis_sessions.py``, rules in
+  ``model/ledger.py``), so a v2 client whose process died resumes on any other one with nothing
+  lost or doubled. The epoch is the cluster's (the generation token). Every numbered message is
+  written to Redis before it goes to the socket, and every handled ``id`` before it is
+  acknowledged; each resume claims its session atomically (a process that lost it can no longer
+  write it); pushes reach v2 sessions through the stream (the publisher's own included), and a
+  session that moved catches up on what was published while no process served it. The costs:
+  a v2 delivery waits for one Redis round trip (batched), and while Redis is unreachable v2
+  deliveries and resumes wait (resumes are refused with 1013, try again) instead of going out
+  unrecorded. A handler whose process is killed after it returned but before its ``id`` was
+  written runs again on the next process (at least once across a crash; exactly once
+  otherwise).
 """
 
 from __future__ import annotations
@@ -56,6 +65,7 @@ from steadysocket.model.routing import (
     Target,
 )
 from steadysocket.runtime.broker import BrokerOverflow, BrokerUnavailable, Node
+from steadysocket.runtime.redis_sessions import RedisSessions
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -155,6 +165,21 @@ class RedisBroker:
         self._withdraw: set[tuple[str, str]] = set()
         self._generation: str | None = None
         self._cursor = "0-0"
+        self._own_read = 0
+        """The last of this process's own publications read back (for its v2 sessions)."""
+        self._written_seq = 0
+        self._written = asyncio.Event()
+        self._sessions = RedisSessions(
+            self._redis,
+            prefix,
+            self._stream,
+            lambda: self._generation,
+            lambda: self._cursor,
+            self._failures,
+            backoff,
+            lambda: self._outgoing.next_seq - 1,
+            self._wait_written,
+        )
         self.reading = asyncio.Event()
         """Set while the reader is connected and has its cursor (cleared on a failure)."""
         self.published = 0
@@ -179,6 +204,11 @@ class RedisBroker:
     def node_id(self) -> str:
         """This process's name in the cluster."""
         return self._node_id
+
+    @property
+    def shared_sessions(self) -> RedisSessions:
+        """The v2 sessions of every process, in Redis (``runtime/redis_sessions.py``)."""
+        return self._sessions
 
     @property
     def buffered(self) -> int:
@@ -210,6 +240,7 @@ class RedisBroker:
         # The flag and the wake-ups end the loops even where redis-py swallows a cancel (it
         # does inside a command it was running): each loop checks the flag on every turn.
         self._closing = True
+        self._written.set()
         self._wake_writer.set()
         self._wake_presence.set()
         for task in tasks:
@@ -294,6 +325,12 @@ class RedisBroker:
         """Wait until every queued publication is written to Redis."""
         await self._flushed.wait()
 
+    async def _wait_written(self, seq: int) -> None:
+        """Wait until this process's publications up to ``seq`` are in Redis."""
+        while self._written_seq < seq and not self._closing:
+            self._written.clear()
+            await self._written.wait()
+
     # ---- the tasks ----------------------------------------------------------------------
 
     async def _pause(self, strategy: BackoffStrategy, what: str, exc: BaseException) -> None:
@@ -362,12 +399,19 @@ class RedisBroker:
                     except ValueError as exc:
                         logger.warning("skipped a malformed publication %s: %s", self._cursor, exc)
                         continue
-                    if self._dedup.accept(publication):
+                    own = publication.origin == self._node_id
+                    if own:  # its v2 sessions get it now (a re-sent write only once)
+                        if publication.seq <= self._own_read:
+                            continue
+                        self._own_read = publication.seq
+                    elif not self._dedup.accept(publication):
+                        continue
+                    else:
                         self.delivered += 1
-                        try:
-                            node.deliver(publication)
-                        except Exception:  # a bug must not stop the reader for everyone
-                            logger.exception("delivering publication %s failed", self._cursor)
+                    try:
+                        node.deliver(publication, self._cursor, own=own)
+                    except Exception:  # a bug must not stop the reader for everyone
+                        logger.exception("delivering publication %s failed", self._cursor)
 
     async def _write_loop(self) -> None:
         strategy = self._backoff()
@@ -391,6 +435,8 @@ class RedisBroker:
                 strategy.reset()
                 self._outgoing.written(len(batch))
                 self.published += len(batch)
+                self._written_seq = batch[-1].seq
+                self._written.set()
             self._flushed.set()
 
     async def _presence_loop(self) -> None:

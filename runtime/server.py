@@ -108,12 +108,15 @@ from websockets.typing import Subprotocol
 
 from steadysocket.model.delivery import DeliveryConfig, Inbound, SessionStore
 from steadysocket.model.delivery import ServerSession as DeliverySession
-from steadysocket.model.protocol import CloseCode, MessageType
+from steadysocket.model.ledger import Released, Written
+from steadysocket.model.protocol import CloseCode, MessageType, ack_text, format_timestamp
 from steadysocket.model.routing import Publication, Rooms, Target, check_room, route
 from steadysocket.model.server_session import (
     OUTBOX_OVERFLOW,
     RATE_LIMITED,
+    SESSION_LOST,
     SESSION_RESUMED_ELSEWHERE,
+    SESSION_STORE_UNAVAILABLE,
     SHUTDOWN,
     UPGRADE_REQUIRED,
     Action,
@@ -138,7 +141,8 @@ from steadysocket.model.server_session import (
     match_route,
     select_subprotocol,
 )
-from steadysocket.runtime.broker import Broker, MemoryBroker
+from steadysocket.runtime.broker import Broker, BrokerUnavailable, MemoryBroker
+from steadysocket.runtime.session_ledger import Ledger, LedgerSession, Prepared
 
 __all__ = [
     "AuthenticateHook",
@@ -187,6 +191,8 @@ _RESERVED_TYPES = frozenset({MessageType.PING, MessageType.PONG, MessageType.STA
 _INBOX_LIMIT = 16
 """Messages read but not yet handled, per connection; beyond it the reader waits (held)."""
 _FORCE_GRACE = 0.5
+_RENEW_MS = 5_000.0
+"""With shared sessions: how often a connected session's place in the store is renewed."""
 """Seconds each forced step of a shutdown waits after cancelling (two steps at most)."""
 
 
@@ -591,8 +597,9 @@ class _Conn:
 
 
 @dataclass(slots=True, eq=False)
-class _LiveSession(DeliverySession):
-    """A v2 session (the model's rules) with what the runtime keeps beside them."""
+class _LiveSession(LedgerSession):
+    """A v2 session (the model's rules) with what the runtime keeps beside them (its place in a
+    shared store too, used when the broker shares sessions)."""
 
     conn: _Conn | None = None
     """The connection carrying the session now; None while it is disconnected."""
@@ -1073,6 +1080,7 @@ class Endpoints:
         a :class:`~steadysocket.runtime.broker.MemoryBroker` (this process only) by default."""
         self._rooms = Rooms()
         self._broker_started = False
+        self._ledger: Ledger | None = None
 
     # ---- registration -------------------------------------------------------------------
 
@@ -1189,7 +1197,7 @@ class Endpoints:
             ValueError, TypeError: the message cannot be encoded (see :meth:`Client.send`).
         """
         text = encode_server_message(message, self._wall_clock())
-        queued = self._push_all(self.clients, tuple(self.sessions.sessions.values()), text)
+        queued = self._push_local(self.clients, tuple(self.sessions.sessions.values()), text)
         await self.broker.publish(Target.ALL, "", text)
         await asyncio.sleep(0)  # let the writers run between broadcasts
         return queued
@@ -1242,31 +1250,74 @@ class Endpoints:
         """The ``/ws/client`` connections of this process."""
         return sum(len(group) for group in self._clients.values())
 
-    def deliver(self, publication: Publication) -> None:
-        """Deliver another process's publication to this process's clients (the broker
-        calls it; the routing decision is ``model/routing.py``'s)."""
+    def deliver(self, publication: Publication, entry_id: str, *, own: bool) -> None:
+        """Deliver a publication read from the broker's store to this process's clients (the
+        broker calls it; the routing decision is ``model/routing.py``'s). The v1 connections
+        got this process's own publications when they were made; with shared sessions, the v2
+        sessions get every publication here, in the store's order (``model/ledger.py``)."""
         reach = route(publication, self._rooms)
+        text = publication.text
+        ledger = self._ledger
+        if ledger is None:  # each process keeps its sessions: they got their own at once
+            if reach.everyone:
+                self._push_all(self.clients, tuple(self.sessions.sessions.values()), text)
+            else:
+                for client_id in reach.client_ids:
+                    self._push_to(client_id, text)
+            return
+        if not own:
+            if reach.everyone:
+                self._push_v1(self.clients, text)
+            else:
+                for client_id in reach.client_ids:
+                    self._push_v1(tuple(self._clients.get(client_id, ())), text)
         if reach.everyone:
-            self._push_all(self.clients, tuple(self.sessions.sessions.values()), publication.text)
+            sessions: Iterable[DeliverySession] = tuple(self.sessions.sessions.values())
         else:
-            for client_id in reach.client_ids:
-                self._push_to(client_id, publication.text)
+            sessions = [s for c in reach.client_ids for s in self.sessions.of_client(c)]
+        for session in sessions:
+            assert isinstance(session, _LiveSession)
+            if ledger.offer(session, entry_id, publication):
+                self._publish(session, text)
 
     async def start_broker(self) -> None:
         """Start the broker (a transport adapter calls it when it starts serving)."""
         if not self._broker_started:
             self._broker_started = True
             await self.broker.start(self)
+            shared = self.broker.shared_sessions
+            if shared is not None:
+                self._ledger = Ledger(
+                    shared, self, self.broker.node_id, self.delivery, renew_ms=_RENEW_MS
+                )
+                self._ledger.start()
 
     async def stop_broker(self) -> None:
         """Stop the broker (a transport adapter calls it once its clients are closed)."""
         if self._broker_started:
             self._broker_started = False
+            ledger, self._ledger = self._ledger, None
+            if ledger is not None:
+                await ledger.close()
             await self.broker.close()
 
     def _push_to(self, client_id: str, text: str) -> int:
         peers = tuple(self._clients.get(client_id, ()))
-        return self._push_all(peers, self.sessions.of_client(client_id), text)
+        return self._push_local(peers, self.sessions.of_client(client_id), text)
+
+    def _push_local(
+        self, clients: Iterable[Client], sessions: Iterable[DeliverySession], text: str
+    ) -> int:
+        """A push made here: v1 connections at once; v2 sessions at once too, unless the
+        sessions are shared, when they get it through the store (:meth:`deliver`), counted
+        here all the same."""
+        if self._ledger is None:
+            return self._push_all(clients, sessions, text)
+        return self._push_v1(clients, text) + len({id(session) for session in sessions})
+
+    def _push_v1(self, clients: Iterable[Client], text: str) -> int:
+        """Push to each v1 connection among ``clients`` (a v2 one is reached by its session)."""
+        return sum(self._push(c._conn, text) for c in clients if c._conn.live is None)
 
     async def _join(self, client_id: str, room: str) -> None:
         if self._rooms.join(check_room(room), client_id):
@@ -1421,6 +1472,16 @@ class Endpoints:
         if target is None and self.sessions.sessions.get(session.session_id) is not session:
             return False
         numbered = session.publish(text)
+        if self._ledger is not None:  # written ahead: it goes out once the store holds it
+            self._ledger.touch(session)
+            return True
+        self._write_numbered(session, numbered)
+        return True
+
+    def _write_numbered(self, session: _LiveSession, numbered: str) -> None:
+        """Write a numbered message to the connection carrying ``session``, if any; a full
+        outbox closes it (1013): the message stays in the history and the resume replays it."""
+        target = session.conn
         if (
             target is not None
             and target.closing is None
@@ -1435,7 +1496,6 @@ class Endpoints:
                 session.session_id[:6],
             )
             self._close_with(target, OUTBOX_OVERFLOW)
-        return True
 
     def _send_control(self, session: _LiveSession, text: str) -> None:
         """A v2 control frame (an ack) to the connection carrying ``session``, if any; not kept
@@ -1605,7 +1665,9 @@ class Endpoints:
             self._send_app(conn, reply)
         if live is not None:
             ack = session.handled(action, wall=wall)
-            if ack is not None:
+            if self._ledger is not None:  # acknowledged once the store holds it
+                self._ledger.touch(live)
+            elif ack is not None:
                 self._send_control(live, ack.text)
             elif session.ack_timer_wanted:
                 self._arm_ack_timer(live)
@@ -1644,6 +1706,8 @@ class Endpoints:
         if self.sessions.sessions.get(live.session_id) is live:
             self.sessions.disconnected(live, asyncio.get_running_loop().time() * 1000)
             self._arm_expiry()
+            if self._ledger is not None:  # kept in the store for the window, from now
+                self._ledger.touch(live)
 
     def _arm_ack_timer(self, live: _LiveSession) -> None:
         if live.conn is None:
@@ -1815,6 +1879,9 @@ class Endpoints:
         actions: list[Action] = []
         if self._authenticate is not None:
             actions, client = await self._authenticated(conn, session, request)
+        prepared: Prepared | None = None
+        if self._ledger is not None and not actions:
+            actions, prepared = await self._prepare_shared(session, request)
         try:
             if not actions and session.state is SessionState.NEW:
                 actions = session.open(
@@ -1828,6 +1895,8 @@ class Endpoints:
         except Exception:
             logger.exception("handshake with %s failed", link.remote_address)
             actions = session.fail_handshake()
+        if self._ledger is not None and session.delivery is not None:
+            actions = await self._created(session, actions)
         if session.delivery is not None:
             self._attach(conn, session)
         if self._stopping:
@@ -1840,7 +1909,11 @@ class Endpoints:
                 self._push(conn, action.text, force=True)
             elif isinstance(action, Close):
                 self._request_close(conn, action)
-        if conn.live is not None and session.ack_timer_wanted:
+        if conn.live is not None and self._ledger is not None:
+            self._ledger.touch(conn.live)
+            if prepared is not None:
+                self._ledger.catch_up(prepared, session.resume_outcome)
+        elif conn.live is not None and session.ack_timer_wanted:
             self._arm_ack_timer(conn.live)
         if session.state is not SessionState.OPEN:
             for action in actions:
@@ -1885,6 +1958,97 @@ class Endpoints:
             self._forget_rooms(session.client_id)
             logger.info("client %s disconnected: %s", client.client_id, _describe_close(link))
             await self._run_hooks(self._disconnect_hooks, client, "on_disconnect")
+
+    async def _prepare_shared(
+        self, session: ServerSession, request: _Request
+    ) -> tuple[list[Action], Prepared | None]:
+        """Shared sessions, before the hello: the query checks (unless the authenticate hook
+        ran them), then a v2 resume's claim in the store (``runtime/session_ledger.py``).
+        ``([], prepared)`` when the hello may follow, else the refusal: the query's, or 1013
+        while the store cannot be reached (the client tries again)."""
+        ledger = self._ledger
+        assert ledger is not None
+        if session.version == 0:  # not checked yet (no authenticate hook)
+            refusal = session.check(request.raw_query)
+            if refusal:
+                return refusal, None
+        if session.version != 2:
+            return [], None
+        epoch = ledger.epoch
+        try:
+            if epoch is None:
+                raise BrokerUnavailable("the session store was never reached")
+            self.sessions.epoch = epoch
+            resume = session.resume_query
+            async with asyncio.timeout(self.config.connection_timeout):
+                prepared = await ledger.prepare(session.client_id, session.role, resume)
+        except (BrokerUnavailable, TimeoutError) as exc:
+            logger.warning("v2 client %s refused for now: %s", session.client_id, exc)
+            return session.fail_handshake(SESSION_STORE_UNAVAILABLE), None
+        return [], prepared
+
+    async def _created(self, session: ServerSession, actions: list[Action]) -> list[Action]:
+        """Shared sessions: a new session is in the store before its hello goes out (so that
+        it resumes on any process); 1013 if the store cannot take it in time."""
+        ledger, live = self._ledger, session.delivery
+        assert ledger is not None
+        assert isinstance(live, _LiveSession)
+        if live.wal.created:
+            return actions
+        try:
+            async with asyncio.timeout(self.config.connection_timeout):
+                if await ledger.created(live):
+                    return actions
+        except TimeoutError:
+            pass
+        logger.warning("v2 client %s refused for now: its session was not stored", live.client_id)
+        self.sessions.discard(live)
+        return session.fail_handshake(SESSION_STORE_UNAVAILABLE)
+
+    # ---- shared sessions: what the ledger asks of the server (LedgerHost) ----------------
+
+    def session_connected(self, session: LedgerSession) -> bool:
+        """Whether a connection carries ``session`` now."""
+        return isinstance(session, _LiveSession) and session.conn is not None
+
+    def released(self, session: LedgerSession, released: Released) -> None:
+        """A write of ``session`` landed: its numbered texts and its ack go out."""
+        assert isinstance(session, _LiveSession)
+        for numbered in released.texts:
+            self._write_numbered(session, numbered)
+        if released.ack is not None:
+            self._send_control(
+                session, ack_text("id", released.ack, format_timestamp(self._wall_clock()))
+            )
+
+    def lost(self, session: LedgerSession, written: Written) -> None:
+        """``session`` is another process's now, or gone from the store: its connection here
+        (if any) is closed, ``Session resumed elsewhere`` or 1013 (resume: ``resumed: false``)."""
+        assert isinstance(session, _LiveSession)
+        conn = session.conn
+        if conn is None:
+            return
+        logger.info(
+            "session %s %s: closing its connection from %s",
+            session.session_id[:6],
+            "was taken over by another process" if written is Written.FENCED else "is lost",
+            conn.link.remote_address,
+        )
+        close = SESSION_RESUMED_ELSEWHERE if written is Written.FENCED else SESSION_LOST
+        self._close_with(conn, close)
+        conn.on_end = None  # it no longer carries the session
+        self._cancel_ack_timer(session)
+        session.conn = None
+
+    async def rejoin(self, client_id: str, rooms: tuple[str, ...]) -> None:
+        """A session moved here: its client is in ``rooms`` again (it was on its last process)."""
+        for room in rooms:
+            await self._join(client_id, room)
+
+    def publish_into(self, session: LedgerSession, text: str) -> None:
+        """Number ``text`` in ``session`` (written ahead, as every v2 message)."""
+        assert isinstance(session, _LiveSession)
+        self._publish(session, text)
 
     async def _legacy_body(self, conn: _Conn, client_id: str) -> None:
         link = conn.link

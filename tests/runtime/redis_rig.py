@@ -155,6 +155,10 @@ def _node_app(server: Any) -> None:
     async def count(message: dict[str, Any], client: Client) -> int:
         return await server.client_count()
 
+    async def tally(message: dict[str, Any], client: Client) -> None:
+        """A message the test counts: reported to room ``audit`` with who sent it."""
+        await server.publish("audit", {"type": "tally", "by": client.client_id, "n": message["n"]})
+
     for name, handler in (
         ("broadcast", broadcast),
         ("send_to", send_to),
@@ -162,6 +166,7 @@ def _node_app(server: Any) -> None:
         ("publish", publish),
         ("presence", presence),
         ("count", count),
+        ("tally", tally),
     ):
         server.on_message(name)(handler)
 

@@ -298,12 +298,12 @@ def test_a_delivery_that_raises_is_logged_and_the_next_publications_still_arrive
             original = b.deliver
             calls = 0
 
-            def flaky(publication: Publication) -> None:
+            def flaky(publication: Publication, entry_id: str, *, own: bool) -> None:
                 nonlocal calls
                 calls += 1
                 if calls == 1:
                     raise RuntimeError("a bug in delivery")
-                original(publication)
+                original(publication, entry_id, own=own)
 
             b.deliver = flaky  # type: ignore[method-assign]
             await a.broadcast({"type": "news", "n": 1})

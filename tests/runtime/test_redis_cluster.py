@@ -2,9 +2,9 @@
 
 A broadcast from any process reaches all 300 exactly once; ``send_to`` crosses processes; rooms,
 presence and the cluster-wide client count are right; after ``kill -9`` of one process, its v2
-clients reconnect to the others and are told their session is gone (``resumed: false``,
-``wrong_epoch``): v2 sessions live in their process (see ``runtime/redis_broker.py``), so the
-move is never a silent gap."""
+clients resume on the others with nothing lost or doubled, what was pushed to them while no
+process served them included (v2 sessions live in Redis: ``model/ledger.py``); a process that
+lost a session to another one closes its old connection instead of writing it."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
+import pytest
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
 
 from steadysocket.model.backoff import BackoffStrategy
 from steadysocket.model.snapshot import Phase
@@ -129,7 +131,28 @@ def test_three_processes_300_clients_broadcast_send_to_rooms_presence_and_count(
     run(body(), bound=120)
 
 
-def test_kill_9_of_a_process_moves_its_v2_clients_to_the_others_with_no_silent_gap() -> None:
+async def next_app(ws: ClientConnection) -> dict[str, Any]:
+    """The next application message (v2: it has an ``offset``), skipping pings and acks."""
+    async with asyncio.timeout(TIMEOUT):
+        while True:
+            message = await recv_json(ws)
+            if "offset" in message:
+                return message
+            assert message["type"] in ("ping", "ack"), message
+
+
+def resume_query(client_id: str, hello: dict[str, Any], offset: int) -> str:
+    return (
+        f"client_id={client_id}&version=2&session_id={hello['session_id']}"
+        f"&epoch={hello['epoch']}&offset={offset}"
+    )
+
+
+def test_kill_9_of_a_process_its_v2_clients_resume_on_the_others_nothing_lost_or_doubled() -> None:
+    """30 v2 clients on a process that is killed; while they are away the cluster broadcasts,
+    publishes to their room and sends to one of them; each resumes on a survivor (resumed: true)
+    and gets what it had not acknowledged, then what it missed, once each, offsets unbroken."""
+
     async def body() -> None:
         async with (
             redis_server() as redis,
@@ -138,38 +161,132 @@ def test_kill_9_of_a_process_moves_its_v2_clients_to_the_others_with_no_silent_g
         ):
             (survivor_a, survivor_b, doomed) = nodes
             hellos: dict[str, dict[str, Any]] = {}
+            clients: dict[str, ClientConnection] = {}
             for i in range(30):
-                _, hello = await open_client(stack, doomed, f"client_id=v{i}&version=2")
-                hellos[f"v{i}"] = hello
+                ws, hello = await open_client(stack, doomed, f"client_id=v{i}&version=2")
+                assert hello["epoch"] == hellos.get("v0", hello)["epoch"]  # one epoch
+                await ws.send(json.dumps({"type": "join", "room": "r", "id": 1}))
+                assert (await next_of(ws, "ack"))["id"] == 1
+                hellos[f"v{i}"], clients[f"v{i}"] = hello, ws
             watcher, _ = await open_client(stack, survivor_a, "client_id=watcher")
-            await watcher.send(json.dumps({"type": "broadcast", "n": 1}))
-            await next_of(watcher, "news")
+            await request(watcher, 1, type="broadcast", n=1)
+            for ws in clients.values():  # received, not acknowledged
+                message = await next_app(ws)
+                assert (message["n"], message["offset"]) == (1, 1)
             await doomed.kill()
-            moved: dict[str, ClientConnection] = {}
+            await request(watcher, 2, type="broadcast", n=2)
+            await request(watcher, 3, type="publish", room="r", n=3)
+            await request(watcher, 4, type="send_to", to="v0", n=4)
             for i in range(30):
-                hello = hellos[f"v{i}"]
+                client_id = f"v{i}"
                 target = (survivor_a, survivor_b)[i % 2]
-                query = (
-                    f"client_id=v{i}&version=2&session_id={hello['session_id']}"
-                    f"&epoch={hello['epoch']}&offset=1"
+                ws, again = await open_client(
+                    stack, target, resume_query(client_id, hellos[client_id], 0)
                 )
-                ws, again = await open_client(stack, target, query)
-                assert again["resumed"] is False
-                assert again["resume_outcome"] == "wrong_epoch"
-                moved[f"v{i}"] = ws
-            await watcher.send(json.dumps({"type": "broadcast", "n": 2}))
-            assert (await next_of(watcher, "news"))["n"] == 2
-            for ws in moved.values():
-                message = await next_of(ws, "news")
-                assert (message["offset"], message["n"]) == (1, 2)  # a new session, from 1
+                assert (again["resumed"], again["resume_outcome"]) == (True, "resumed")
+                assert again["session_id"] == hellos[client_id]["session_id"]
+                got = [await next_app(ws) for _ in range(4 if i == 0 else 3)]
+                expected = [("news", 1), ("news", 2), ("room", 3)] + [("direct", 4)] * (i == 0)
+                assert [(m["type"], m["n"]) for m in got] == expected, got
+                assert [m["offset"] for m in got] == list(range(1, len(got) + 1))
+                clients[client_id] = ws
+            await request(watcher, 5, type="broadcast", n=5)
+            for client_id, ws in clients.items():
+                message = await next_app(ws)  # the next one: nothing doubled in between
+                assert (message["n"], message["offset"]) == (5, 5 if client_id == "v0" else 4)
+            await request(watcher, 6, type="publish", room="r", n=6)
+            for ws in clients.values():  # the room membership moved with the session
+                assert (await next_app(ws))["n"] == 6
 
     run(body(), bound=120)
 
 
-def test_kill_9_moves_managers_with_a_url_list_to_the_next_process_told_resumed_false() -> None:
-    """WebSocketManager([doomed, a, b], version=2): after kill -9 of the process it was on,
-    each manager dials the next URL, is told its session is gone (on_resume: resumed False,
-    ``wrong_epoch``) and then receives the cluster's broadcasts in its new session."""
+def test_a_process_that_lost_a_session_to_another_closes_its_old_connection() -> None:
+    """A session resumed on b while its connection to a is still open: a's next write to it is
+    refused by Redis (the claim moved), so a closes that connection (Session resumed elsewhere)
+    and never writes to it again; b carries the session on, and back on a it resumes whole."""
+
+    async def body() -> None:
+        async with (
+            redis_server() as redis,
+            cluster(redis.url, size=2) as (a, b),
+            AsyncExitStack() as stack,
+        ):
+            old, hello = await open_client(stack, a, "client_id=s&version=2")
+            watcher, _ = await open_client(stack, b, "client_id=watcher")
+            await request(watcher, 1, type="broadcast", n=1)
+            assert (await next_app(old))["offset"] == 1
+            new, again = await open_client(stack, b, resume_query("s", hello, 1))
+            assert again["resumed"] is True
+            await request(watcher, 2, type="broadcast", n=2)
+            message = await next_app(new)
+            assert (message["n"], message["offset"]) == (2, 2)
+
+            async def drain_old() -> None:
+                async with asyncio.timeout(TIMEOUT):
+                    while True:
+                        late = await recv_json(old)
+                        assert "offset" not in late, late  # nothing after the move
+
+            with pytest.raises(ConnectionClosed) as closed:
+                await drain_old()
+            assert closed.value.rcvd is not None
+            assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (
+                1000,
+                "Session resumed elsewhere",
+            )
+            await new.close()
+            back, third = await open_client(stack, a, resume_query("s", hello, 2))
+            assert (third["resumed"], third["replayed"]) == (True, 0)  # a's copy was stale
+            await request(watcher, 3, type="broadcast", n=3)
+            message = await next_app(back)
+            assert (message["n"], message["offset"]) == (3, 3)
+
+    run(body(), bound=120)
+
+
+def test_a_stale_copy_of_a_session_is_not_what_resumes() -> None:
+    """a keeps a copy of a disconnected session; the client resumes on b and has an id handled
+    there, then comes back to a. a resumes the store's record, not its copy: the id is a
+    duplicate there (acknowledged, not handled again), and the next id is handled once."""
+
+    async def body() -> None:
+        async with (
+            redis_server() as redis,
+            cluster(redis.url, size=2) as (a, b),
+            AsyncExitStack() as stack,
+        ):
+            auditor, _ = await open_client(stack, b, "client_id=auditor")
+            await request(auditor, 1, type="join", room="audit")
+            first, hello = await open_client(stack, a, "client_id=t&version=2")
+            await first.close()
+            # Give a the moment it takes to write the disconnect (before b claims), so that
+            # a keeps a copy whose write is not refused (else a drops its copy on its own).
+            await asyncio.sleep(0.5)
+            on_b, again = await open_client(stack, b, resume_query("t", hello, 0))
+            assert again["resumed"] is True
+            await on_b.send(json.dumps({"type": "tally", "n": 1, "id": 1}))
+            assert (await next_of(on_b, "ack"))["id"] == 1
+            assert (await next_of(auditor, "tally"))["n"] == 1
+            await on_b.close()
+            back, third = await open_client(stack, a, resume_query("t", hello, 0))
+            assert third["resumed"] is True
+            await back.send(json.dumps({"type": "tally", "n": 1, "id": 1}))  # a re-send
+            assert (await next_of(back, "ack"))["id"] == 1
+            await back.send(json.dumps({"type": "tally", "n": 2, "id": 2}))
+            assert (await next_of(back, "ack"))["id"] == 2
+            assert (await next_of(auditor, "tally"))["n"] == 2  # id 1 was not handled again
+
+    run(body(), bound=120)
+
+
+def test_kill_9_mid_stream_managers_with_a_url_list_resume_and_lose_nothing() -> None:
+    """Ten v2 managers ([doomed, a, b]) send numbered messages while the cluster broadcasts;
+    the process they are on is killed mid-stream. Each resumes on a survivor (on_resume:
+    resumed True); every broadcast reaches every manager exactly once, in order, and every
+    message they sent is handled (reported to room ``audit``), at least once."""
+
+    sends, broadcasts = 40, 40
 
     async def body() -> None:
         async with (
@@ -178,47 +295,72 @@ def test_kill_9_moves_managers_with_a_url_list_to_the_next_process_told_resumed_
             AsyncExitStack() as stack,
         ):
             (a, b, doomed) = nodes
+            auditor, _ = await open_client(stack, a, "client_id=auditor")
+            await request(auditor, 1, type="join", room="audit")
+            watcher, _ = await open_client(stack, b, "client_id=watcher")
             managers: list[WebSocketManager] = []
             events: list[ResumeEvent] = []
-            resumed = asyncio.Event()
-            streams = []
+            news: dict[str, list[int]] = {f"m{i}": [] for i in range(10)}
+            all_news = asyncio.Event()
             for i in range(10):
                 manager = WebSocketManager(
                     [doomed.url, a.url, b.url],
                     f"m{i}",
                     version=2,
                     backoff_strategy=BackoffStrategy(
-                        base_delays_ms=(20, 50), jitter_ratio=0.0, max_attempts=20
+                        base_delays_ms=(20, 50), jitter_ratio=0.0, max_attempts=50
                     ),
                     environ={},
                 )
+                manager.on_resume(events.append)
 
-                def heard(event: ResumeEvent) -> None:
-                    events.append(event)
-                    if len(events) == 10:
-                        resumed.set()
+                def heard(message: dict[str, Any], got: list[int] = news[f"m{i}"]) -> None:
+                    if message.get("type") == "news":
+                        got.append(message["n"])
+                        if all(len(ns) >= broadcasts for ns in news.values()):
+                            all_news.set()
 
-                manager.on_resume(heard)
+                manager.on_message(heard)
                 await stack.enter_async_context(manager)
-                streams.append(manager.messages())
                 managers.append(manager)
             for manager in managers:
                 await manager.wait_for(Phase.OPEN, timeout=TIMEOUT)
                 assert doomed.url in manager.get_state().url
-            await doomed.kill()
-            async with asyncio.timeout(TIMEOUT):
-                await resumed.wait()
-            assert {(e.resumed, e.outcome) for e in events} == {(False, "wrong_epoch")}
-            for manager in managers:
-                await manager.wait_for(Phase.OPEN, timeout=TIMEOUT)
-                assert doomed.url not in manager.get_state().url
-            watcher, _ = await open_client(stack, a, "client_id=watcher")
-            await watcher.send(json.dumps({"type": "broadcast", "n": 3}))
-            for stream in streams:
-                async with asyncio.timeout(TIMEOUT):
-                    async for message in stream:
-                        if message.get("type") == "news":
-                            assert message["n"] == 3
-                            break
 
-    run(body(), bound=120)
+            async def send_all(manager: WebSocketManager) -> None:
+                for n in range(1, sends + 1):
+                    assert manager.send({"type": "tally", "n": n})
+                    await asyncio.sleep(0.01)
+
+            async def broadcast_all() -> None:
+                for n in range(1, broadcasts + 1):
+                    await request(watcher, 100 + n, type="broadcast", n=n)
+                    await asyncio.sleep(0.01)
+
+            async def kill_midway() -> None:
+                await asyncio.sleep(sends * 0.01 / 2)
+                await doomed.kill()
+
+            async with asyncio.TaskGroup() as group:
+                for manager in managers:
+                    group.create_task(send_all(manager))
+                group.create_task(broadcast_all())
+                group.create_task(kill_midway())
+            tallies: dict[str, list[int]] = {f"m{i}": [] for i in range(10)}
+            async with asyncio.timeout(6 * TIMEOUT):
+                while any(set(ns) != set(range(1, sends + 1)) for ns in tallies.values()):
+                    message = await next_of(auditor, "tally", "news")
+                    if message["type"] == "tally":
+                        tallies[message["by"]].append(message["n"])
+                await all_news.wait()
+            assert len(events) >= len(managers)
+            assert {(e.resumed, e.outcome) for e in events} == {(True, "resumed")}
+            for manager in managers:
+                assert doomed.url not in manager.get_state().url
+            assert news == {f"m{i}": list(range(1, broadcasts + 1)) for i in range(10)}
+            # At least once: an id whose handler returned just before the kill, not yet
+            # written as handled, runs again on the next process (docs/protocol.md).
+            doubled = sum(len(ns) - len(set(ns)) for ns in tallies.values())
+            assert doubled <= len(managers), tallies
+
+    run(body(), bound=150)
