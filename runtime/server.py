@@ -1259,6 +1259,8 @@ class Endpoints:
         text = publication.text
         ledger = self._ledger
         if ledger is None:  # each process keeps its sessions: they got their own at once
+            if own:
+                return
             if reach.everyone:
                 self._push_all(self.clients, tuple(self.sessions.sessions.values()), text)
             else:
