@@ -158,8 +158,10 @@ class Ledger:
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="steadysocket-session-writer")
 
-    async def close(self) -> None:
-        """Stop the writer (what waits to be written stays unwritten: the server is stopping)."""
+    async def close(self, *, flush_timeout: float = 1.0) -> None:
+        """Stop the writer, then write what changed since its last write, within
+        ``flush_timeout`` seconds (best effort: the server is stopping; what is not written is
+        what no client was sent)."""
         self._closing = True
         self._wake.set()
         task, self._task = self._task, None
@@ -167,6 +169,13 @@ class Ledger:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        with contextlib.suppress(BrokerUnavailable, TimeoutError):
+            async with asyncio.timeout(flush_timeout):
+                while taken := self._take():
+                    await self._store.published(self._store.queued)
+                    results = await self._store.write([write for _, write in taken])
+                    for (session, write), result in zip(taken, results, strict=True):
+                        self._confirm(session, write, result)
 
     def _renew(self) -> None:
         for session in list(self._host.sessions.sessions.values()):
