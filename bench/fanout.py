@@ -10,6 +10,14 @@ compression=None)``, v1 clients, ``await server.broadcast(message)``. python-soc
 over WebSocket only, ``await sio.emit("news", message)``. The message is about 100 bytes of JSON
 carrying its send time.
 
+A third kind, ``steady-v2``, is the same steadysocket servers with protocol v2 clients
+(``version=2``): under RedisBroker their sessions are shared in Redis, so every numbered message
+is written to Redis before it goes to the socket and every push reaches them through the Redis
+stream, the publisher's own process included. Its rows have steadysocket's v1 figures as their
+baseline and no goal: they show what sharing the sessions costs. The v2 clients take each
+offset once, in order, and ack cumulatively (``bench.loadgen.V2LoadClient``); the rows say
+if one saw a duplicate, a gap, an error or a close.
+
 Two measurements per configuration:
 
 - **throughput**: B broadcasts as fast as the publisher's API returns; delivered messages per
@@ -35,7 +43,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from bench import wire
@@ -53,10 +61,11 @@ from bench.common import (
     ratio,
     spread,
 )
-from bench.loadgen import LoadClient
+from bench.loadgen import LoadClient, V2LoadClient
 from bench.report import section_markdown
 
-KINDS = ("steady", "socketio")
+KINDS = ("steady", "socketio", "steady-v2")
+"""steadysocket with v1 clients, python-socketio, steadysocket with v2 clients."""
 PAYLOAD = "x" * 40
 """Filler so that a message is about 100 bytes of JSON."""
 CLIENT_PROCESSES = 2
@@ -138,7 +147,7 @@ def _server_main(
 ) -> None:
     async def main() -> None:
         inbox = Inbox(conn)
-        if kind == "steady":
+        if kind.startswith("steady"):
             from steadysocket.runtime.redis_broker import RedisBroker
             from steadysocket.runtime.server import SteadyServer
 
@@ -243,10 +252,13 @@ class _Recorder:
         """Set once ``target`` messages were received."""
 
     def got(self, payload: bytes) -> None:
-        now = time.time()
         sent = json.loads(payload)
         if isinstance(sent, list):  # socket.io: ["news", {...}]
             sent = sent[1]
+        self.got_message(sent)
+
+    def got_message(self, sent: dict[str, Any]) -> None:
+        now = time.time()
         self.received += 1
         self.latencies.append(now - sent["t"])
         self.last = now
@@ -267,6 +279,26 @@ class _SteadyClient(LoadClient):
             self.ready.set()
         elif b'"ping"' in payload and self.transport is not None:
             self.transport.write(wire.client_frame(wire.OP_TEXT, b'{"type":"pong"}'))
+
+
+class _SteadyV2Client(V2LoadClient):
+    """Counts each offset once (``V2LoadClient`` drops duplicates and stops at a gap)."""
+
+    def __init__(self, path: str, host: str, recorder: _Recorder, ready: asyncio.Event) -> None:
+        super().__init__(path, host, offer_deflate=False)
+        self.recorder = recorder
+        self.ready = ready
+
+    def on_hello(self, hello: dict[str, Any]) -> None:
+        if hello.get("accepted_version") == 2:
+            self.ready.set()
+        else:
+            self.errors.append(f"hello without accepted_version 2: {hello!r}"[:200])
+            self.abort()
+
+    def on_message(self, message: dict[str, Any]) -> None:
+        if message.get("type") == "news":
+            self.recorder.got_message(message)
 
 
 class _SioClient(LoadClient):
@@ -312,6 +344,13 @@ def _client_main(conn: multiprocessing.connection.Connection) -> None:
                             p: str = path, r: asyncio.Event = ready, rec: _Recorder = recorder
                         ) -> LoadClient:
                             return _SteadyClient(p, "127.0.0.1", rec, r)
+                    elif kind == "steady-v2":
+                        path = f"/ws/client?client_id=f{first + i}&version=2"
+
+                        def factory(
+                            p: str = path, r: asyncio.Event = ready, rec: _Recorder = recorder
+                        ) -> LoadClient:
+                            return _SteadyV2Client(p, "127.0.0.1", rec, r)
                     else:
                         path = "/socket.io/?EIO=4&transport=websocket"
 
@@ -329,7 +368,7 @@ def _client_main(conn: multiprocessing.connection.Connection) -> None:
             elif command[0] == "reset":
                 recorder = _Recorder()
                 for client in clients:
-                    assert isinstance(client, _SteadyClient | _SioClient)
+                    assert isinstance(client, _SteadyClient | _SteadyV2Client | _SioClient)
                     client.recorder = recorder
                 inbox.reply(True)
             elif command[0] == "expect":
@@ -347,6 +386,8 @@ def _client_main(conn: multiprocessing.connection.Connection) -> None:
                         "latencies": recorder.latencies,
                     }
                 )
+            elif command[0] == "health":
+                inbox.reply(_health(clients))
             elif command[0] == "close":
                 for client in clients:
                     client.abort()
@@ -357,12 +398,30 @@ def _client_main(conn: multiprocessing.connection.Connection) -> None:
     asyncio.run(main())
 
 
+def _health(clients: Sequence[LoadClient]) -> dict[str, Any]:
+    """What went wrong on the connections so far: v2 duplicates, gaps and errors, closes."""
+    closes: dict[str, int] = {}
+    for client in clients:
+        if client.lost.done() or client.close_code is not None:
+            key = f"{client.close_code} {client.close_reason}".strip()
+            closes[key] = closes.get(key, 0) + 1
+    v2 = [c for c in clients if isinstance(c, V2LoadClient)]
+    return {
+        "duplicates": sum(c.duplicates for c in v2),
+        "gaps": sum(c.gaps for c in v2),
+        "errors": [e for c in v2 for e in c.errors][:5],
+        "error_count": sum(len(c.errors) for c in v2),
+        "closes": closes,
+    }
+
+
 # -- the run --------------------------------------------------------------------------------
 
 
 def _measure(
-    redis: _Redis, kind: str, processes: int, sizes: Sizes, round_: int
+    redis: _Redis, kind: str, processes: int, sizes: Sizes, round_: int, problems: list[str]
 ) -> dict[str, float]:
+    """One configuration's figures; what went wrong on the connections goes to ``problems``."""
     clients: int = sizes.pick(1000, 100)
     blast: int = sizes.pick(200, 20)
     paced: int = sizes.pick(40, 10)
@@ -404,6 +463,16 @@ def _measure(
         results["paced_delivered"] = len(latencies) / (total_clients * paced)
         results["p50_ms"] = percentile(latencies, 50) * 1000
         results["p99_ms"] = percentile(latencies, 99) * 1000
+        health = [loader.call(("health",), 30) for loader in loaders]
+        results["duplicates"] = sum(h["duplicates"] for h in health)
+        results["gaps"] = sum(h["gaps"] for h in health)
+        results["errors"] = sum(h["error_count"] for h in health)
+        results["closed"] = sum(sum(h["closes"].values()) for h in health)
+        notes = [f"{e} (error)" for h in health for e in h["errors"]]
+        notes += [f"{n} x closed: {why}" for h in health for why, n in h["closes"].items()]
+        if notes:
+            label = f"{kind}, {processes} process(es), round {round_ + 1}"
+            problems.append(f"{label}: " + "; ".join(notes))
         for loader in loaders:
             loader.call(("close",), 30)
         return results
@@ -427,18 +496,24 @@ def run(sizes: Sizes) -> Section:
         "delivery. Latency: broadcasts paced to offer 4,000 deliveries/s, p50/p99 of "
         "delivery time minus send time. steadysocket: SteadyServer + RedisBroker (stream), "
         "v1 clients, no compression. Baseline: python-socketio AsyncServer + AsyncRedisManager "
-        f"(pub/sub) under uvicorn, WebSocket transport only. Median of {repeats} round(s), "
-        "kinds alternating; no process pinned (2 cores: servers, clients and Redis share them).",
+        f"(pub/sub) under uvicorn, WebSocket transport only. The last rows measure the same "
+        "steadysocket servers with protocol v2 clients, whose sessions RedisBroker keeps in "
+        "Redis (each numbered message written there before it goes out, pushes read back "
+        "from the stream); the clients take each offset once and ack cumulatively every 32 "
+        "messages or 50 ms. Their baseline is steadysocket's v1 figure, with no goal. "
+        f"Median of {repeats} round(s), kinds alternating; no process pinned (2 cores: "
+        "servers, clients and Redis share them).",
     )
     redis = _Redis()
     figures: dict[tuple[str, int], list[dict[str, float]]] = {}
+    problems: list[str] = []
     try:
         for round_ in range(repeats):
             order = list(KINDS) if round_ % 2 == 0 else list(reversed(KINDS))
             for processes in (1, 2):
                 for kind in order:
                     figures.setdefault((kind, processes), []).append(
-                        _measure(redis, kind, processes, sizes, round_)
+                        _measure(redis, kind, processes, sizes, round_, problems)
                     )
     finally:
         redis.close()
@@ -491,7 +566,53 @@ def run(sizes: Sizes) -> Section:
                 p99 < base99 and complete(processes, "paced_delivered"),
             )
         )
+    for processes in (1, 2):
+        label = f"{processes} process{'es' if processes > 1 else ''}"
+        v2, v1 = "steady-v2", "steady"
+        value, base = med(v2, processes, "rate"), med(v1, processes, "rate")
+        section.rows.append(
+            Row(
+                f"steadysocket, v2 clients (sessions in Redis): broadcast deliveries per second, "
+                f"{label}",
+                f"{fmt(value)} /s (runs {spread(runs(v2, processes, 'rate'))}; "
+                f"{fmt(med(v2, processes, 'delivered') * 100, 1)} % delivered"
+                f"{_faults(runs, v2, processes)})",
+                f"v1: {fmt(base)} /s",
+                ratio(value, base),
+            )
+        )
+        p99, base99 = med(v2, processes, "p99_ms"), med(v1, processes, "p99_ms")
+        section.rows.append(
+            Row(
+                "steadysocket, v2 clients (sessions in Redis): delivery latency p50 / p99 at "
+                f"4,000 deliveries/s, {label}",
+                f"{fmt(med(v2, processes, 'p50_ms'), 1)} / {fmt(p99, 1)} ms "
+                f"({fmt(med(v2, processes, 'paced_delivered') * 100, 1)} % delivered)",
+                f"v1: {fmt(med(v1, processes, 'p50_ms'), 1)} / {fmt(base99, 1)} ms",
+                ratio(p99, base99),
+            )
+        )
+    if problems:
+        section.blocks.append(
+            "**What went wrong on the clients' connections** (before the benchmark closed them)"
+            "\n\n" + "\n".join(f"- {p}" for p in problems)
+        )
     return section
+
+
+def _faults(runs: Callable[[str, int, str], list[float]], kind: str, processes: int) -> str:
+    """``; 3 duplicates, ...`` summed over the rounds, or nothing when all went well."""
+    parts = [
+        f"{fmt(sum(runs(kind, processes, key)))} {name}"
+        for key, name in (
+            ("duplicates", "duplicate(s)"),
+            ("gaps", "gap(s)"),
+            ("errors", "error(s)"),
+            ("closed", "connection(s) lost"),
+        )
+        if sum(runs(kind, processes, key))
+    ]
+    return "; " + ", ".join(parts) if parts else ""
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,12 +6,17 @@ saturates its. This one does the opening handshake, finds frame boundaries, infl
 permessage-deflate messages with zlib (offering the extension, as browsers do, so the server
 compresses as it would in production), sends uncompressed masked frames (which
 permessage-deflate allows), and answers close and ping frames. Subclasses handle text.
+
+:class:`V2LoadClient` adds the minimum of protocol v2 (``docs/protocol.md``) a receiving client
+needs: it takes each application message's ``offset`` once, in order, and acks cumulatively.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import zlib
+from typing import Any
 
 from bench import wire
 
@@ -34,6 +39,9 @@ class LoadClient(asyncio.Protocol):
         """True once upgraded; False if the upgrade failed or TCP closed first."""
         self.lost: asyncio.Future[None] = loop.create_future()
         self.close_sent = False
+        self.close_code: int | None = None
+        """The code of the server's close frame, once one arrived (None without a code)."""
+        self.close_reason = ""
 
     # -- asyncio -------------------------------------------------------------------------
 
@@ -86,6 +94,8 @@ class LoadClient(asyncio.Protocol):
                     payload = self._inflate(payload)
                 self.on_text(payload)
             elif opcode == wire.OP_CLOSE:
+                self.close_code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else None
+                self.close_reason = payload[2:].decode("utf-8", "replace")
                 if not self.close_sent:
                     self.close_sent = True
                     transport.write(wire.client_frame(wire.OP_CLOSE, payload[:2]))
@@ -119,3 +129,85 @@ class LoadClient(asyncio.Protocol):
         """Drop the connection."""
         if self.transport is not None:
             self.transport.abort()
+
+
+ACK_EVERY = 32
+"""A v2 client acks once this many messages are unacknowledged (the protocol's batch)..."""
+ACK_INTERVAL_S = 0.05
+"""... or this long after the first of them, whichever comes first."""
+
+
+class V2LoadClient(LoadClient):
+    """A protocol v2 client that receives: connect with ``version=2`` in the query.
+
+    Each application message (it carries an integer ``offset``) is taken once: offset *last + 1*
+    goes to :meth:`on_message`; a lower one is a duplicate (counted, not delivered, acked again
+    at once); a higher one is a gap (counted; the client drops the connection, as the protocol
+    says, and does not resume). Acks are cumulative, ``{"type":"ack","offset":N}``, sent once
+    ``ACK_EVERY`` messages are unacknowledged or ``ACK_INTERVAL_S`` after the first of them.
+    The server's ``error`` messages are counted; pings are answered.
+    """
+
+    def __init__(self, path: str, host: str, *, offer_deflate: bool = True) -> None:
+        super().__init__(path, host, offer_deflate=offer_deflate)
+        self.hello: dict[str, Any] | None = None
+        self.last_offset = 0
+        """The last offset taken (contiguous from 1)."""
+        self.acked = 0
+        self.ack_timer: asyncio.TimerHandle | None = None
+        self.duplicates = 0
+        self.gaps = 0
+        self.errors: list[str] = []
+
+    def on_text(self, payload: bytes) -> None:
+        message = json.loads(payload)
+        offset = message.get("offset")
+        if isinstance(offset, int) and not isinstance(offset, bool):
+            if offset == self.last_offset + 1:
+                self.last_offset = offset
+                self.on_message(message)
+                if self.last_offset - self.acked >= ACK_EVERY:
+                    self.send_ack()
+                elif self.ack_timer is None:
+                    loop = asyncio.get_running_loop()
+                    self.ack_timer = loop.call_later(ACK_INTERVAL_S, self.send_ack)
+            elif 0 < offset <= self.last_offset:
+                self.duplicates += 1
+                self.send_ack(force=True)
+            else:
+                self.gaps += 1
+                self.abort()
+            return
+        kind = message.get("type")
+        if kind == "hello":
+            self.hello = message
+            self.on_hello(message)
+        elif kind == "ping" and self.transport is not None:
+            self.transport.write(wire.client_frame(wire.OP_TEXT, b'{"type":"pong"}'))
+        elif kind == "error":
+            self.errors.append(str(message.get("message", ""))[:200])
+
+    def send_ack(self, *, force: bool = False) -> None:
+        """Ack every offset taken so far (if any is unacknowledged, or ``force``)."""
+        if self.ack_timer is not None:
+            self.ack_timer.cancel()
+            self.ack_timer = None
+        if self.transport is None or self.transport.is_closing():
+            return
+        if self.last_offset > self.acked or force:
+            self.acked = self.last_offset
+            text = b'{"type":"ack","offset":%d}' % self.last_offset
+            self.transport.write(wire.client_frame(wire.OP_TEXT, text))
+
+    def on_lost(self) -> None:
+        if self.ack_timer is not None:
+            self.ack_timer.cancel()
+            self.ack_timer = None
+
+    # -- for subclasses ------------------------------------------------------------------
+
+    def on_hello(self, hello: dict[str, Any]) -> None:
+        """The hello arrived."""
+
+    def on_message(self, message: dict[str, Any]) -> None:
+        """An application message arrived, the first time its offset did (``offset`` kept)."""
