@@ -270,6 +270,9 @@ class Claim(StrEnum):
     """The session belongs to another client id or role: not claimed."""
     KEPT = "kept"
     """This process owned it already, under the claim it holds: its own copy is current."""
+    STALE_EPOCH = "epoch"
+    """The store's epoch is not the one the claimant knew (it restarted empty): the claimant
+    learns the new one, and the resume is told ``wrong_epoch``."""
     MOVED = "moved"
     """Claimed from another owner (or from one of this process's older claims): the store's
     record is the session now."""

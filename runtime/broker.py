@@ -104,11 +104,13 @@ class SharedSessions(Protocol):
         """Carry out ``writes``, in one round trip; what became of each."""
 
     async def claim(
-        self, session_id: str, client_id: str, role: str, owner: str, held: str
+        self, session_id: str, client_id: str, role: str, owner: str, held: str, within_ms: float
     ) -> tuple[Claim, SessionRecord | None]:
-        """Claim a session for ``owner`` (``held``: this node's current claim, or '').
+        """Claim a session for ``owner`` (``held``: this node's current claim, or ''); a claim
+        the store carries out more than ``within_ms`` from now takes nothing over.
 
         Raises:
+            BrokerUnavailable: the store cannot be reached, or carried the claim out too late.
             ValueError: the store's record of it is malformed.
         """
 

@@ -9,10 +9,13 @@ What goes through Redis, and what each part guarantees:
 - **Publications** (``broadcast``, ``send_to``, ``publish`` to a room) go into one Redis
   **stream** (``{prefix}:fanout``, trimmed to about ``stream_maxlen`` entries). Each process
   reads it from the last entry it read, so a Redis reconnect loses nothing: the reader goes on
-  from its cursor. The publishing process delivers to its own clients at once and skips its own
-  entries; every other process delivers each entry once (``model/routing.py``'s
-  :class:`~steadysocket.model.routing.OriginDedup`, by the publisher's sequence number, since
-  a write retried after a lost connection may land twice). Pub/Sub is not used at all.
+  from its cursor. The publishing process delivers to its own v1 clients at once (its v2
+  sessions get its entries as they are read back: see below); every other process delivers
+  each entry once (``model/routing.py``'s
+  :class:`~steadysocket.model.routing.OriginDedup`, by the publisher's sequence number). A
+  write retried after a lost connection may have landed already: a Lua script appends each
+  publication once, by that same number, so the stream holds each publication once. Pub/Sub
+  is not used at all.
 - **While Redis is unreachable**: local clients are served as usual. Publications for the
   other processes wait, in order, in a bounded queue (``outgoing_limit``, default 10,000) and
   are written when Redis is back: *buffered and delivered*. Once the queue is full,
@@ -52,7 +55,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from steadysocket.model.backoff import BackoffStrategy
@@ -76,6 +79,21 @@ logger = logging.getLogger(__name__)
 
 _EXTRA = "RedisBroker needs redis-py: pip install 'steadysocket[redis]'"
 """The error a missing redis-py gives (the module itself imports without it)."""
+
+
+_APPEND = """
+if tonumber(ARGV[1]) <= tonumber(redis.call('GET', KEYS[2]) or '0') then return 0 end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[3])
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 4))
+return 1
+"""
+"""Append one publication to the stream once: KEYS the stream and the publisher's last written
+``seq``; ARGV ``seq``, the stream's MAXLEN, the seq key's lifetime (ms), then the fields. A
+write retried after a lost reply (it may have landed) is not appended twice, so every reader,
+and a session's catch-up (``model/ledger.py``), sees each publication once."""
+
+_SEQ_TTL_MS = 24 * 3600 * 1000
+"""A publisher's last written ``seq`` is kept a day after its last publication."""
 
 
 def _default_backoff() -> BackoffStrategy:
@@ -169,6 +187,7 @@ class RedisBroker:
         """The last of this process's own publications read back (for its v2 sessions)."""
         self._written_seq = 0
         self._written = asyncio.Event()
+        self._append: Callable[..., Awaitable[Any]] = self._redis.register_script(_APPEND)
         self._sessions = RedisSessions(
             self._redis,
             prefix,
@@ -179,6 +198,9 @@ class RedisBroker:
             backoff,
             lambda: self._outgoing.next_seq - 1,
             self._wait_written,
+            self._generation_key,
+            self._sync_generation,
+            wall_ms,
         )
         self.reading = asyncio.Event()
         """Set while the reader is connected and has its cursor (cleared on a failure)."""
@@ -421,13 +443,12 @@ class RedisBroker:
             while not self._closing and (batch := self._outgoing.batch(self._batch)):
                 try:
                     async with self._redis.pipeline(transaction=False) as pipe:
+                        keys = [self._stream, f"{self._prefix}:seq:{self._node_id}"]
                         for publication in batch:
-                            fields: list[Any] = []
+                            args: list[Any] = [publication.seq, self._maxlen, _SEQ_TTL_MS]
                             for name, value in publication.encode().items():
-                                fields += (name, value)
-                            pipe.execute_command(
-                                "XADD", self._stream, "MAXLEN", "~", self._maxlen, "*", *fields
-                            )
+                                args += (name, value)
+                            await self._append(keys=keys, args=args, client=pipe)
                         await pipe.execute()
                 except self._failures as exc:
                     await self._pause(strategy, "write", exc)

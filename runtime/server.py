@@ -1982,8 +1982,12 @@ class Endpoints:
                 raise BrokerUnavailable("the session store was never reached")
             self.sessions.epoch = epoch
             resume = session.resume_query
-            async with asyncio.timeout(self.config.connection_timeout):
-                prepared = await ledger.prepare(session.client_id, session.role, resume)
+            timeout = self.config.connection_timeout
+            async with asyncio.timeout(timeout):
+                prepared = await ledger.prepare(
+                    session.client_id, session.role, resume, within_ms=timeout * 1000
+                )
+            self.sessions.epoch = ledger.epoch or epoch  # a claim may have found a new one
         except (BrokerUnavailable, TimeoutError) as exc:
             logger.warning("v2 client %s refused for now: %s", session.client_id, exc)
             return session.fail_handshake(SESSION_STORE_UNAVAILABLE), None
@@ -1995,8 +1999,15 @@ class Endpoints:
         ledger, live = self._ledger, session.delivery
         assert ledger is not None
         assert isinstance(live, _LiveSession)
+        for peer in tuple(self._clients.get(live.client_id, ())):
+            older = peer._conn.live
+            if older is not None and self.sessions.sessions.get(older.session_id) is not older:
+                self.lost(older, Written.FENCED)  # superseded: one session per client id
         if live.wal.created:
             return actions
+        if not ledger.reachable:  # the writer is failing now: refuse at once, not at timeout
+            self.sessions.discard(live)
+            return session.fail_handshake(SESSION_STORE_UNAVAILABLE)
         try:
             async with asyncio.timeout(self.config.connection_timeout):
                 if await ledger.created(live):

@@ -127,6 +127,8 @@ class Ledger:
         """Session writes that landed."""
         self.failures = 0
         """Failed write round trips (each followed by a backoff delay)."""
+        self.reachable = True
+        """False from a failed write round trip until one succeeds."""
 
     @property
     def epoch(self) -> str | None:
@@ -231,11 +233,13 @@ class Ledger:
                 results = await self._store.write([write for _, write in taken])
             except BrokerUnavailable as exc:
                 self.failures += 1
+                self.reachable = False
                 for session, _ in taken:
                     self.touch(session)
                 await self._pause(strategy, exc)
                 continue
             strategy.reset()
+            self.reachable = True
             for (session, write), result in zip(taken, results, strict=True):
                 self._confirm(session, write, result)
             async with self._landed:
@@ -276,9 +280,12 @@ class Ledger:
 
     # ---- claims and catch-up --------------------------------------------------------------
 
-    async def prepare(self, client_id: str, role: str, resume: dict[str, str]) -> Prepared:
+    async def prepare(
+        self, client_id: str, role: str, resume: dict[str, str], *, within_ms: float
+    ) -> Prepared:
         """Before a v2 connection opens: claim the session it resumes, if it names one of this
-        epoch, so that the store's record (not a stale copy) is what resumes.
+        epoch, so that the store's record (not a stale copy) is what resumes. A claim the store
+        carries out more than ``within_ms`` from now takes nothing over.
 
         Raises:
             BrokerUnavailable: the store cannot be reached (the client should try again).
@@ -291,7 +298,9 @@ class Ledger:
         held = local.claim if isinstance(local, LedgerSession) else ""
         claim = self.new_claim()
         try:
-            outcome, record = await self._store.claim(session_id, client_id, role, claim, held)
+            outcome, record = await self._store.claim(
+                session_id, client_id, role, claim, held, within_ms
+            )
         except ValueError as exc:
             logger.warning("session %s: its record is unusable (%s)", session_id[:6], exc)
             outcome, record = Claim.UNKNOWN, None
@@ -329,6 +338,11 @@ class Ledger:
         moved.claim = claim
         moved.catch_up = CatchUp(record.client_id, frozenset(record.rooms), record.since)
         moved.buffered = []
+        for other in sessions.of_client(record.client_id):
+            if other is not moved and isinstance(other, LedgerSession):
+                # The store says this one is the client's newest: any other here is older.
+                sessions.discard(other)
+                self._host.lost(other, Written.FENCED)
         sessions.adopt(moved)
         return moved
 

@@ -21,6 +21,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
+from steadysocket.model.backoff import BackoffStrategy
 from steadysocket.runtime.redis_broker import RedisBroker
 from steadysocket.runtime.server import Client, Endpoints, SteadyServer
 from tests.runtime.adapters import (
@@ -401,5 +402,132 @@ def test_an_id_handled_on_one_node_is_a_duplicate_after_the_move_to_another() ->
             ]
             assert got[-1]["id"] == 2
             assert handled == [("a", 1), ("b", 2)]
+
+    run(body())
+
+
+# ---- regressions: each failed before its fix (found by an adversarial review) ---------------
+
+
+def test_a_resume_after_the_stream_was_trimmed_past_the_session_is_refused_trimmed() -> None:
+    """The session's process stops; 300 broadcasts overflow a 10-entry stream. A resume on
+    another process cannot catch up, so it is refused (``trimmed``), never a silent gap."""
+
+    async def body() -> None:
+        async with (
+            redis_server() as redis,
+            node(redis.url, stream_maxlen=10) as b,
+            AsyncExitStack() as stack,
+        ):
+            async with node(redis.url, stream_maxlen=10) as a:
+                ws, hello = await open_ws(stack, a.url, "client_id=s&version=2")
+                await b.broadcast({"type": "news", "n": 1})
+                assert (await next_app(ws))["offset"] == 1
+            for n in range(2, 302):
+                await b.broadcast({"type": "news", "n": n})
+            await broker_of(b).wait_flushed()
+            assert await broker_of(b)._cmd("XLEN", "steadysocket:fanout") < 300  # trimmed
+            _, again = await open_ws(stack, b.url, resume_query("s", hello, 1))
+            assert (again["resumed"], again["resume_outcome"]) == (False, "trimmed")
+
+    run(body())
+
+
+def test_a_superseded_session_cannot_be_resumed_and_the_fresh_one_is_not_orphaned() -> None:
+    """As in one process: once the client opened a fresh session, its older one is unknown.
+    One session per client id in the cluster: the session that answer opens is the client's
+    newest, and the connection of the one before is closed (never left silent)."""
+
+    async def body() -> None:
+        async with redis_server() as redis, node(redis.url) as a, AsyncExitStack() as stack:
+            old, hello = await open_ws(stack, a.url, "client_id=s&version=2")
+            await old.close()
+            await asyncio.sleep(0.3)  # let a write the disconnect (the record stays claimable)
+            fresh, _ = await open_ws(stack, a.url, "client_id=s&version=2")
+            newest, again = await open_ws(stack, a.url, resume_query("s", hello, 0))
+            assert (again["resumed"], again["resume_outcome"]) == (False, "unknown_session")
+            await a.broadcast({"type": "news", "n": 1})
+            assert (await next_app(newest))["n"] == 1
+            heard, close = await until_closed(fresh)
+            assert close == RESUMED_ELSEWHERE
+            assert numbered(heard) == []
+
+    run(body())
+
+
+def test_a_session_made_just_after_redis_restarted_empty_has_the_new_epoch() -> None:
+    """Redis restarts empty while the process's reader sleeps in its backoff: the session's
+    next write finds the new generation, so the resume is told ``wrong_epoch`` and the new
+    session (under the new epoch) resumes later."""
+    made: list[BackoffStrategy] = []
+
+    def slow() -> BackoffStrategy:
+        """The reader's strategy (the broker's first) waits 2 s; every other task's 50 ms."""
+        delay = 2000 if not made else 50
+        made.append(BackoffStrategy(base_delays_ms=(delay,), jitter_ratio=0.0, max_attempts=99))
+        return made[-1]
+
+    async def body() -> None:
+        async with (
+            redis_server() as redis,
+            node(redis.url, backoff=slow) as a,
+            AsyncExitStack() as stack,
+        ):
+            ws, hello = await open_ws(stack, a.url, "client_id=s&version=2")
+            await redis.kill()
+            await asyncio.sleep(0.3)
+            await redis.start()  # empty; a's reader is asleep in its backoff
+            await ws.send(json.dumps({"id": 1, "type": "x"}))
+            assert (await until_closed(ws))[1] == SESSION_LOST
+            again = await served_hello(stack, a.url, resume_query("s", hello, 0))
+            await until_restart_seen(a)
+            third = await served_hello(stack, a.url, resume_query("s", again, 0))
+            assert (again["resume_outcome"], third["resume_outcome"]) == (
+                "wrong_epoch",
+                "resumed",
+            )
+
+    run(body())
+
+
+async def served_hello(stack: AsyncExitStack, url: str, query: str) -> dict[str, Any]:
+    """The hello of the first attempt not refused with 1013 (as a client retries)."""
+    for _ in range(20):
+        ws = await stack.enter_async_context(dial(url, query))
+        try:
+            reply = json.loads(await ws.recv())
+        except ConnectionClosed:
+            await asyncio.sleep(0.05)
+            continue
+        if reply["type"] == "hello":
+            return dict(reply)
+    raise AssertionError("refused 20 times")
+
+
+def test_a_resume_refused_while_redis_was_frozen_takes_nothing_over() -> None:
+    """A claim sent while Redis is frozen and refused at the connection timeout must not take
+    the session over when Redis thaws and runs it late."""
+
+    async def body() -> None:
+        async with (
+            redis_server() as redis,
+            quick_node(redis.url) as a,
+            quick_node(redis.url) as b,
+            AsyncExitStack() as stack,
+        ):
+            other, other_hello = await open_ws(stack, a.url, "client_id=o&version=2")
+            await other.close()  # an ordinary move first: the claim script is in Redis
+            _, moved = await open_ws(stack, b.url, resume_query("o", other_hello, 0))
+            assert moved["resumed"] is True
+            ws, hello = await open_ws(stack, a.url, "client_id=s&version=2")
+            redis.freeze()
+            try:
+                async with dial(b.url, resume_query("s", hello, 0)) as refused:
+                    assert await until_closed(refused) == ([], STORE_UNREACHABLE)
+            finally:
+                redis.thaw()
+            await a.app.broadcast({"type": "news", "n": 1})
+            message = await next_app(ws)
+            assert (message["n"], message["offset"]) == (1, 1)
 
     run(body())
