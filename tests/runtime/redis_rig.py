@@ -18,6 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from websockets.asyncio.client import ClientConnection
+
+from steadysocket.runtime.redis_broker import RedisBroker
+from steadysocket.runtime.server import Client, SteadyServer
+from tests.runtime.adapters import TIMEOUT, recv_json
 
 MS = 0.001
 START_TIMEOUT = 10_000 * MS
@@ -128,12 +133,72 @@ async def redis_server() -> AsyncIterator[RedisServer]:
             await server.stop()
 
 
+# ---- helpers the Redis test files share -------------------------------------------------------
+
+OUTAGE = 2.0
+"""Seconds Redis stays down in the fault tests (the scenario's length, not a wait for a state)."""
+
+
+def rooms_by_message(server: SteadyServer) -> None:
+    """A ``join`` message puts its client in ``room`` and answers ``{"type": "done"}``."""
+
+    async def join(message: dict[str, Any], client: Client) -> None:
+        await client.join(message["room"])
+        await client.send({"type": "done"})
+
+    server.on_message("join")(join)
+
+
+@asynccontextmanager
+async def node(url: str, **broker_options: Any) -> AsyncIterator[SteadyServer]:
+    """A SteadyServer in this process on a RedisBroker whose reader has its cursor."""
+    broker = RedisBroker(url, **broker_options)
+    async with SteadyServer("127.0.0.1", 0, broker=broker, environ={}) as server:
+        rooms_by_message(server)
+        async with asyncio.timeout(TIMEOUT):
+            await broker.reading.wait()
+        yield server
+
+
+def broker_of(server: SteadyServer) -> RedisBroker:
+    assert isinstance(server.broker, RedisBroker)
+    return server.broker
+
+
+async def next_of(ws: ClientConnection, *kinds: str) -> dict[str, Any]:
+    """The next message of one of ``kinds``, skipping pings and replies to others' kinds."""
+    async with asyncio.timeout(TIMEOUT):
+        while True:
+            message = await recv_json(ws)
+            if message["type"] in kinds:
+                return message
+            assert message["type"] in ("ping", "reply"), message
+
+
+async def next_numbered(ws: ClientConnection) -> dict[str, Any]:
+    """The next v2 application message (it has an ``offset``), skipping pings and acks."""
+    async with asyncio.timeout(TIMEOUT):
+        while True:
+            message = await recv_json(ws)
+            if "offset" in message:
+                return message
+            assert message["type"] in ("ping", "ack"), message
+
+
+def resume_query(client_id: str, hello: dict[str, Any], offset: int) -> str:
+    """The query of a v2 resume of ``hello``'s session from ``offset``."""
+    return (
+        f"client_id={client_id}&version=2&session_id={hello['session_id']}"
+        f"&epoch={hello['epoch']}&offset={offset}"
+    )
+
+
 # ---- a cluster node process for the end-to-end tests ------------------------------------------
 
 
 def _node_app(server: Any) -> None:
     """Handlers that let a test drive a node through its clients (v1 requests get replies)."""
-    from steadysocket.runtime.server import Client, SteadyServer
+    from steadysocket.runtime.server import SteadyServer
 
     assert isinstance(server, SteadyServer)
 

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack
 from typing import Any
 
 import pytest
@@ -16,36 +15,9 @@ from websockets.asyncio.client import ClientConnection
 from steadysocket.model.routing import PresencePolicy, Publication, Target
 from steadysocket.runtime.broker import BrokerOverflow, BrokerUnavailable
 from steadysocket.runtime.redis_broker import RedisBroker
-from steadysocket.runtime.server import Client, SteadyServer
-from tests.runtime.adapters import TIMEOUT, dial, recv_type, run
-from tests.runtime.redis_rig import redis_server
-
-OUTAGE = 2.0
-"""Seconds Redis stays down in the fault tests (the scenario's length, not a wait for a state)."""
-
-
-def rooms_by_message(server: SteadyServer) -> None:
-    async def join(message: dict[str, Any], client: Client) -> None:
-        await client.join(message["room"])
-        await client.send({"type": "done"})
-
-    server.on_message("join")(join)
-
-
-@asynccontextmanager
-async def node(url: str, **broker_options: Any) -> AsyncIterator[SteadyServer]:
-    """A SteadyServer on a RedisBroker whose reader has its cursor."""
-    broker = RedisBroker(url, **broker_options)
-    async with SteadyServer("127.0.0.1", 0, broker=broker, environ={}) as server:
-        rooms_by_message(server)
-        async with asyncio.timeout(TIMEOUT):
-            await broker.reading.wait()
-        yield server
-
-
-def broker_of(server: SteadyServer) -> RedisBroker:
-    assert isinstance(server.broker, RedisBroker)
-    return server.broker
+from steadysocket.runtime.server import SteadyServer
+from tests.runtime.adapters import dial, recv_type, run
+from tests.runtime.redis_rig import OUTAGE, broker_of, node, redis_server
 
 
 async def connect_all(

@@ -22,7 +22,13 @@ from steadysocket.model.backoff import BackoffStrategy
 from steadysocket.model.snapshot import Phase
 from steadysocket.runtime.manager import ResumeEvent, WebSocketManager
 from tests.runtime.adapters import TIMEOUT, recv_json, run
-from tests.runtime.redis_rig import NodeProcess, redis_server
+from tests.runtime.redis_rig import (
+    NodeProcess,
+    next_numbered,
+    next_of,
+    redis_server,
+    resume_query,
+)
 
 PER_NODE = 100
 SENTINEL = 99
@@ -51,16 +57,6 @@ async def open_client(
     hello = await recv_json(ws)
     assert hello["type"] == "hello", hello
     return ws, hello
-
-
-async def next_of(ws: ClientConnection, *kinds: str) -> dict[str, Any]:
-    """The next message of one of ``kinds``, skipping pings and replies to others' kinds."""
-    async with asyncio.timeout(TIMEOUT):
-        while True:
-            message = await recv_json(ws)
-            if message["type"] in kinds:
-                return message
-            assert message["type"] in ("ping", "reply"), message
 
 
 async def request(ws: ClientConnection, ref: int, **message: Any) -> Any:
@@ -131,23 +127,6 @@ def test_three_processes_300_clients_broadcast_send_to_rooms_presence_and_count(
     run(body(), bound=120)
 
 
-async def next_app(ws: ClientConnection) -> dict[str, Any]:
-    """The next application message (v2: it has an ``offset``), skipping pings and acks."""
-    async with asyncio.timeout(TIMEOUT):
-        while True:
-            message = await recv_json(ws)
-            if "offset" in message:
-                return message
-            assert message["type"] in ("ping", "ack"), message
-
-
-def resume_query(client_id: str, hello: dict[str, Any], offset: int) -> str:
-    return (
-        f"client_id={client_id}&version=2&session_id={hello['session_id']}"
-        f"&epoch={hello['epoch']}&offset={offset}"
-    )
-
-
 def test_kill_9_of_a_process_its_v2_clients_resume_on_the_others_nothing_lost_or_doubled() -> None:
     """30 v2 clients on a process that is killed; while they are away the cluster broadcasts,
     publishes to their room and sends to one of them; each resumes on a survivor (resumed: true)
@@ -171,7 +150,7 @@ def test_kill_9_of_a_process_its_v2_clients_resume_on_the_others_nothing_lost_or
             watcher, _ = await open_client(stack, survivor_a, "client_id=watcher")
             await request(watcher, 1, type="broadcast", n=1)
             for ws in clients.values():  # received, not acknowledged
-                message = await next_app(ws)
+                message = await next_numbered(ws)
                 assert (message["n"], message["offset"]) == (1, 1)
             await doomed.kill()
             await request(watcher, 2, type="broadcast", n=2)
@@ -185,18 +164,18 @@ def test_kill_9_of_a_process_its_v2_clients_resume_on_the_others_nothing_lost_or
                 )
                 assert (again["resumed"], again["resume_outcome"]) == (True, "resumed")
                 assert again["session_id"] == hellos[client_id]["session_id"]
-                got = [await next_app(ws) for _ in range(4 if i == 0 else 3)]
+                got = [await next_numbered(ws) for _ in range(4 if i == 0 else 3)]
                 expected = [("news", 1), ("news", 2), ("room", 3)] + [("direct", 4)] * (i == 0)
                 assert [(m["type"], m["n"]) for m in got] == expected, got
                 assert [m["offset"] for m in got] == list(range(1, len(got) + 1))
                 clients[client_id] = ws
             await request(watcher, 5, type="broadcast", n=5)
             for client_id, ws in clients.items():
-                message = await next_app(ws)  # the next one: nothing doubled in between
+                message = await next_numbered(ws)  # the next one: nothing doubled in between
                 assert (message["n"], message["offset"]) == (5, 5 if client_id == "v0" else 4)
             await request(watcher, 6, type="publish", room="r", n=6)
             for ws in clients.values():  # the room membership moved with the session
-                assert (await next_app(ws))["n"] == 6
+                assert (await next_numbered(ws))["n"] == 6
 
     run(body(), bound=120)
 
@@ -215,11 +194,11 @@ def test_a_process_that_lost_a_session_to_another_closes_its_old_connection() ->
             old, hello = await open_client(stack, a, "client_id=s&version=2")
             watcher, _ = await open_client(stack, b, "client_id=watcher")
             await request(watcher, 1, type="broadcast", n=1)
-            assert (await next_app(old))["offset"] == 1
+            assert (await next_numbered(old))["offset"] == 1
             new, again = await open_client(stack, b, resume_query("s", hello, 1))
             assert again["resumed"] is True
             await request(watcher, 2, type="broadcast", n=2)
-            message = await next_app(new)
+            message = await next_numbered(new)
             assert (message["n"], message["offset"]) == (2, 2)
 
             async def drain_old() -> None:
@@ -239,7 +218,7 @@ def test_a_process_that_lost_a_session_to_another_closes_its_old_connection() ->
             back, third = await open_client(stack, a, resume_query("s", hello, 2))
             assert (third["resumed"], third["replayed"]) == (True, 0)  # a's copy was stale
             await request(watcher, 3, type="broadcast", n=3)
-            message = await next_app(back)
+            message = await next_numbered(back)
             assert (message["n"], message["offset"]) == (3, 3)
 
     run(body(), bound=120)

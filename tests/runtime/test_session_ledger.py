@@ -35,9 +35,15 @@ from tests.runtime.adapters import (
     run,
     served,
 )
-from tests.runtime.redis_rig import redis_server
-from tests.runtime.test_redis_broker import OUTAGE, broker_of, node
-from tests.runtime.test_redis_cluster import next_app, next_of, resume_query
+from tests.runtime.redis_rig import (
+    OUTAGE,
+    broker_of,
+    next_numbered,
+    next_of,
+    node,
+    redis_server,
+    resume_query,
+)
 
 STORE_UNREACHABLE = (1013, "Session store unreachable: try again")
 SESSION_LOST = (1013, "Session lost by the store: resume to start again")
@@ -140,7 +146,7 @@ def test_redis_killed_v2_messages_wait_then_the_lost_session_is_closed_never_a_g
                 await a.broadcast({"type": "news", "n": n})
             for n in (1, 2, 3):
                 assert (await next_of(v1, "news"))["n"] == n
-                message = await next_app(v2)
+                message = await next_numbered(v2)
                 assert (message["n"], message["offset"]) == (n, n)
             await redis.kill()
             for n in range(4, 9):
@@ -176,7 +182,7 @@ def test_redis_frozen_v2_messages_arrive_after_in_order_once_and_the_session_mov
         ):
             ws, hello = await open_ws(stack, a.url, "client_id=s&version=2")
             await a.broadcast({"type": "news", "n": 1})
-            assert (await next_app(ws))["offset"] == 1
+            assert (await next_numbered(ws))["offset"] == 1
             redis.freeze()
             try:
                 for n in range(2, 12):
@@ -185,17 +191,17 @@ def test_redis_frozen_v2_messages_arrive_after_in_order_once_and_the_session_mov
             finally:
                 redis.thaw()
             assert numbered(during) == []
-            got = [await next_app(ws) for _ in range(2, 12)]
+            got = [await next_numbered(ws) for _ in range(2, 12)]
             assert [(m["n"], m["offset"]) for m in got] == [(n, n) for n in range(2, 12)]
             await a.broadcast({"type": "news", "n": 12})  # the next one: nothing doubled
-            message = await next_app(ws)
+            message = await next_numbered(ws)
             assert (message["n"], message["offset"]) == (12, 12)
             await ws.close()
             moved, again = await open_ws(stack, b.url, resume_query("s", hello, 12))
             assert (again["resumed"], again["replayed"]) == (True, 0)
             assert again["session_id"] == hello["session_id"]
             await a.broadcast({"type": "news", "n": 13})
-            message = await next_app(moved)
+            message = await next_numbered(moved)
             assert (message["n"], message["offset"]) == (13, 13)
 
     run(body())
@@ -257,7 +263,7 @@ def test_v2_opens_are_refused_while_redis_is_frozen_and_the_session_resumes_afte
         ):
             ws, hello = await open_ws(stack, a.url, "client_id=s&version=2")
             await a.app.broadcast({"type": "news", "n": 1})
-            assert (await next_app(ws))["offset"] == 1
+            assert (await next_numbered(ws))["offset"] == 1
             await ws.close()
             redis.freeze()
             try:
@@ -272,10 +278,10 @@ def test_v2_opens_are_refused_while_redis_is_frozen_and_the_session_resumes_afte
                 redis.thaw()
             moved, again = await open_ws(stack, b.url, resume_query("s", hello, 1))
             assert (again["resumed"], again["session_id"]) == (True, hello["session_id"])
-            message = await next_app(moved)  # replayed, or caught up from the stream
+            message = await next_numbered(moved)  # replayed, or caught up from the stream
             assert (message["n"], message["offset"]) == (2, 2)
             await a.app.broadcast({"type": "news", "n": 3})  # the next one: nothing doubled
-            message = await next_app(moved)
+            message = await next_numbered(moved)
             assert (message["n"], message["offset"]) == (3, 3)
 
     run(body())
@@ -301,7 +307,7 @@ def test_two_concurrent_resumes_on_two_nodes_one_connection_carries_the_session(
         ):
             first, hello = await open_ws(stack, a.url, "client_id=s&version=2")
             await a.broadcast({"type": "news", "n": 1})
-            assert (await next_app(first))["offset"] == 1
+            assert (await next_numbered(first))["offset"] == 1
             await first.close()
             query = resume_query("s", hello, 1)
             opened = await asyncio.gather(
@@ -319,7 +325,7 @@ def test_two_concurrent_resumes_on_two_nodes_one_connection_carries_the_session(
                 try:
                     async with asyncio.timeout(2 * TIMEOUT):
                         while len(got) < 5:
-                            got.append(await next_app(ws))
+                            got.append(await next_numbered(ws))
                 except ConnectionClosed as exc:
                     return got, close_of(exc)
                 return got, None
@@ -336,12 +342,12 @@ def test_two_concurrent_resumes_on_two_nodes_one_connection_carries_the_session(
             assert holders == [(b, c)[survivor]]
             ws = opened[survivor][0]
             await a.broadcast({"type": "news", "n": 7})  # the next one: nothing doubled
-            message = await next_app(ws)
+            message = await next_numbered(ws)
             assert (message["n"], message["offset"]) == (7, 7)
             await ws.close()
             back, third = await open_ws(stack, a.url, resume_query("s", hello, 5))
             assert (third["resumed"], third["replayed"]) == (True, 2)
-            replay = [await next_app(back) for _ in range(2)]
+            replay = [await next_numbered(back) for _ in range(2)]
             assert [(m["n"], m["offset"]) for m in replay] == [(6, 6), (7, 7)]
 
     run(body())
@@ -393,7 +399,7 @@ def test_an_id_handled_on_one_node_is_a_duplicate_after_the_move_to_another() ->
             await ws.close()
             moved, again = await open_ws(stack, b.url, resume_query("s", hello, 0))
             assert (again["resumed"], again["replayed"]) == (True, 1)
-            replay = await next_app(moved)
+            replay = await next_numbered(moved)
             assert (replay["offset"], replay["type"], replay["result"]) == (1, "reply", 10)
             assert [(m["type"], m["id"]) for m in await exchange(moved, 1, 1)] == [("ack", 1)]
             got = await exchange(moved, 2, 2)
@@ -422,7 +428,7 @@ def test_a_resume_after_the_stream_was_trimmed_past_the_session_is_refused_trimm
             async with node(redis.url, stream_maxlen=10) as a:
                 ws, hello = await open_ws(stack, a.url, "client_id=s&version=2")
                 await b.broadcast({"type": "news", "n": 1})
-                assert (await next_app(ws))["offset"] == 1
+                assert (await next_numbered(ws))["offset"] == 1
             for n in range(2, 302):
                 await b.broadcast({"type": "news", "n": n})
             await broker_of(b).wait_flushed()
@@ -447,7 +453,7 @@ def test_a_superseded_session_cannot_be_resumed_and_the_fresh_one_is_not_orphane
             newest, again = await open_ws(stack, a.url, resume_query("s", hello, 0))
             assert (again["resumed"], again["resume_outcome"]) == (False, "unknown_session")
             await a.broadcast({"type": "news", "n": 1})
-            assert (await next_app(newest))["n"] == 1
+            assert (await next_numbered(newest))["n"] == 1
             heard, close = await until_closed(fresh)
             assert close == RESUMED_ELSEWHERE
             assert numbered(heard) == []
@@ -527,7 +533,7 @@ def test_a_resume_refused_while_redis_was_frozen_takes_nothing_over() -> None:
             finally:
                 redis.thaw()
             await a.app.broadcast({"type": "news", "n": 1})
-            message = await next_app(ws)
+            message = await next_numbered(ws)
             assert (message["n"], message["offset"]) == (1, 1)
 
     run(body())
