@@ -284,3 +284,23 @@ def test_a_delivery_that_raises_is_logged_and_the_next_publications_still_arrive
 
     run(body())
     assert "delivering publication" in caplog.text
+
+
+def test_a_retried_publication_write_lands_in_the_stream_once() -> None:
+    """The writer's append is idempotent by the publisher's seq: a batch retried after a lost
+    reply (which had landed) adds nothing, so readers and a moved v2 session's catch-up see each
+    publication once; the next seq is appended."""
+
+    async def body() -> None:
+        async with redis_server() as redis:
+            broker = RedisBroker(redis.url)
+            keys = ["steadysocket:fanout", f"steadysocket:seq:{broker.node_id}"]
+            fields = [x for kv in _fields(Target.ALL, '{"type":"news","n":1}') for x in kv]
+            try:
+                for seq in (1, 1, 2, 1):  # the first write, its retry, the next, a late retry
+                    await broker._append(keys=keys, args=[seq, 100, 60_000, *fields])
+                assert await broker._cmd("XLEN", "steadysocket:fanout") == 2
+            finally:
+                await broker._redis.aclose()
+
+    run(body())
