@@ -74,7 +74,7 @@ def pub(target: Target, key: str, n: int, origin: str = "n1", seq: int = 1) -> P
     return Publication(target, key, text(n), origin, seq)
 
 
-# -- stream positions ---------------------------------------------------------------------------
+# -- stream positions -------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -112,7 +112,7 @@ def test_stream_after_orders_entries_as_the_stream_does(
     assert stream_after(entry_id, since) is after
 
 
-# -- who a publication is for, and the rooms field ------------------------------------------------
+# -- who a publication is for, and the rooms field --------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -420,7 +420,7 @@ def test_catch_up_then_the_readers_deliveries_offer_each_once_in_stream_order() 
     assert offered == [text(11), text(12), None, text(13), text(14)]
 
 
-# -- the process's sessions: adopt and discard (model/delivery.py) ---------------------------------
+# -- the process's sessions: adopt and discard (model/delivery.py) ----------------------------
 
 
 def test_an_adopted_session_replaces_the_clients_session_here_disconnected() -> None:
@@ -472,7 +472,7 @@ def test_discard_drops_the_stores_session_and_ignores_a_stale_copy() -> None:
     assert sessions.sessions == {}
 
 
-# -- the connection: refusals for the store, and the resume query (model/server_session.py) -------
+# -- the connection: refusals for the store, and the resume query (model/server_session.py) ---
 
 
 CONFIG = ServerConfig(heartbeat_interval_ms=1000, connection_timeout_ms=3000)
@@ -527,7 +527,9 @@ TARGETS = (
 @dataclass
 class FakeStore:
     """The store's copy of session S1, written and claimed as runtime/redis_sessions.py's Lua
-    scripts do: one owner, a write lands whole under it or is fenced."""
+    scripts do: one owner, a write lands whole under it or is fenced. Their epoch, deadline and
+    newest-session checks are left out: here the store never restarts, a claim is never late,
+    and the client has one session."""
 
     owner: str | None = None
     fields: dict[str, str] = field(default_factory=dict)
@@ -633,6 +635,8 @@ class Client:
 
     node: int | None = None
     """The node its connection is on (None: disconnected)."""
+    was: int = 0
+    """The node its last connection was on."""
     last: int = 0
     """Its last offset received."""
     got: list[int] = field(default_factory=list)
@@ -742,9 +746,10 @@ class LedgerMachine(RuleBasedStateMachine):
         self.kill_node(owner)
 
     @precondition(lambda self: self.client.node is not None)
-    @rule(does=st.sampled_from(("send", "ack", "disconnect")))
+    @rule(does=st.sampled_from(("send", "ack", "disconnect", "reconnect")))
     def client_does(self, does: str) -> None:
-        """The client sends a message, acknowledges what it received, or loses its connection."""
+        """The client sends a message, acknowledges what it received, or loses its connection
+        (and resumes on the same node at once, when it reconnects)."""
         node = self.client.node
         assert node is not None
         holder = self.nodes[node]
@@ -759,6 +764,8 @@ class LedgerMachine(RuleBasedStateMachine):
         else:
             holder.sessions.disconnected(holder.copy.session, 0.0)
             self.client.node = None
+            if does == "reconnect":
+                self.resume(node)
 
     @precondition(lambda self: self.client.node is None)
     @rule(node=NODE)
@@ -786,7 +793,7 @@ class LedgerMachine(RuleBasedStateMachine):
         query = {"session_id": SID, "epoch": EPOCH, "offset": str(self.client.last)}
         opened = holder.sessions.open(CLIENT, ROLE, query, now_ms=0.0, new_session_id="S2")
         assert opened.outcome is ResumeOutcome.RESUMED, opened.outcome
-        self.client.node = node
+        self.client.node = self.client.was = node
         for replayed in opened.replay:  # write ahead: the rest goes out once it is written
             if local.wal.may_send(json.loads(replayed)["offset"]):
                 self.receive(replayed)
@@ -801,7 +808,7 @@ class LedgerMachine(RuleBasedStateMachine):
         for msg_id in list(self.client.outbox):  # written again, with their ids
             self.handle(node, msg_id)
 
-    # -- what the rules do ----------------------------------------------------------------
+    # -- what the rules do --------------------------------------------------------------------
 
     def read_next(self, node: int) -> None:
         """The node's reader delivers the next stream entry to the node's copy."""
@@ -898,7 +905,7 @@ class LedgerMachine(RuleBasedStateMachine):
         The writer takes a write before the reader delivers the rest, as it may at any time:
         what the reader delivers meanwhile must wait for the next write."""
         if self.client.node is None:
-            self.resume(0)
+            self.resume(self.client.was)
         node = self.client.node
         assert node is not None
         copy = self.nodes[node].copy
@@ -917,7 +924,7 @@ class LedgerMachine(RuleBasedStateMachine):
         if sys.exc_info()[0] is None:  # not on top of a failure a step raised already
             self.settle()
 
-    # -- what must hold -------------------------------------------------------------------
+    # -- what must hold -----------------------------------------------------------------------
 
     @invariant()
     def the_store_holds_what_the_client_saw_and_was_told(self) -> None:
