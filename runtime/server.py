@@ -1628,7 +1628,15 @@ class Endpoints:
                 # still runs: the next id waits for it (it may be this one's duplicate).
                 await live.idle.wait()
             if answer is not None:
-                if verdict is Inbound.DUPLICATE:
+                if verdict is Inbound.DUPLICATE and self._ledger is not None:
+                    # Acknowledge only what the store holds as handled; the rest is acked
+                    # when the write holding it lands.
+                    if live.wal.handled >= (action.msg_id or 0):
+                        stamp = format_timestamp(self._wall_clock())
+                        self._send_control(live, ack_text("id", live.wal.handled, stamp))
+                    else:
+                        self._ledger.touch(live)
+                elif verdict is Inbound.DUPLICATE:
                     self._send_control(live, answer.text)
                 else:
                     logger.info("%s: %s", client.client_id, verdict.value)
@@ -1899,6 +1907,12 @@ class Endpoints:
             actions = session.fail_handshake()
         if self._ledger is not None and session.delivery is not None:
             actions = await self._created(session, actions)
+            live = session.delivery
+            if session.state is SessionState.OPEN and isinstance(live, _LiveSession):
+                # Written ahead: the replay holds only what the store has; the rest goes out
+                # when the write holding it lands (Ledger's release).
+                replay = [SendText(t) for o, t in live.history if live.wal.may_send(o)]
+                actions = [*actions[:1], *replay]
         if session.delivery is not None:
             self._attach(conn, session)
         if self._stopping:
